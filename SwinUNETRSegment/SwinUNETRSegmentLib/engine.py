@@ -168,7 +168,7 @@ class Segmenter:
         card = self.card
         data = torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32))[None]
         img = MetaTensor(data, affine=torch.as_tensor(volume.ijk_to_ras, dtype=torch.float64))
-        img = Orientation(axcodes=card.orientation)(img)
+        img = Orientation(axcodes=card.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
         img = Spacing(pixdim=card.spacing, mode=card.interpolation)(img)
         it = card.intensity
         img = ScaleIntensityRange(a_min=it["a_min"], a_max=it["a_max"], b_min=it["b_min"], b_max=it["b_max"], clip=bool(it.get("clip", True)))(img)
