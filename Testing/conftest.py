@@ -117,7 +117,7 @@ def reference_files() -> Path:
             proc = subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
                  f"totalsegmentator=={TS_VERSION}", "-d", str(cache)],
-                capture_output=True, text=True, timeout=600,
+                capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
             )
             if proc.returncode != 0 or not archive.exists():
                 pytest.skip(f"cannot fetch the totalsegmentator {TS_VERSION} source archive (real example CT) from the package registry: "

@@ -81,7 +81,7 @@ def write_dicom_series(vol: Volume, folder: Path, series_uid: str = "1.2.826.0.1
         }
         for key, value in tags.items():
             sl.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"s{series_uid.rsplit('.', 1)[-1]}_{k:03d}.dcm"))
         writer.Execute(sl)
     return folder
 

@@ -58,7 +58,7 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             f"refusing checkpoint {p.name}: it holds objects other than weights and would run code when loaded "
             f"({reason}); save it with torch.save(model.state_dict(), path)"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
         raise UserError(f"cannot read checkpoint {p.name} ({' '.join(str(exc).split())[:160]}); it is not a PyTorch weights file or is truncated") from None
     return extract_state_dict(obj, p.name)
 
