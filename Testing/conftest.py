@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +17,6 @@ import pytest
 from SwinUNETRSegmentLib import cards
 from SwinUNETRSegmentLib.geometry import Volume
 
-TS_VERSION = "2.18.0"
-TS_MEMBERS = (
-    "tests/reference_files/example_ct.nii.gz",
-    "tests/reference_files/example_ct_dicom/",
-    "tests/reference_files/example_seg_dicom.nii.gz",
-)
 
 
 def tiny_card(**overrides) -> cards.ModelCard:
@@ -108,28 +99,10 @@ def _cache_dir() -> Path:
 @pytest.fixture(scope="session")
 def reference_files() -> Path:
     """tests/reference_files of the totalsegmentator source archive (real CT), fetched once."""
-    cache = _cache_dir() / f"totalsegmentator-{TS_VERSION}"
-    done = cache / ".complete"
-    if not done.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        archive = cache / f"totalsegmentator-{TS_VERSION}.tar.gz"
-        if not archive.exists():
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-                 f"totalsegmentator=={TS_VERSION}", "-d", str(cache)],
-                capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600,
-            )
-            if proc.returncode != 0 or not archive.exists():
-                pytest.skip(f"cannot fetch the totalsegmentator {TS_VERSION} source archive (real example CT) from the package registry: "
-                            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no archive'}")
-        prefix = f"totalsegmentator-{TS_VERSION}/"
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.isfile() and any(m.name[len(prefix):].startswith(w) for w in TS_MEMBERS)]
-            for m in members:
-                m.name = m.name[len(prefix):]
-                if hasattr(tarfile, "data_filter"):
-                    tar.extract(m, cache, filter="data")
-                else:  # Python < 3.10.12 has no extraction filters
-                    tar.extract(m, cache)
-        done.touch()
-    return cache / "tests" / "reference_files"
+    from SwinUNETRSegmentLib.errors import UserError
+    from SwinUNETRSegmentLib.sampledata import reference_files as fetch
+
+    try:
+        return fetch(_cache_dir())
+    except UserError as exc:
+        pytest.skip(f"real example CT unavailable: {exc}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import grid_volume, make_affine, tiny_card
+from conftest import grid_volume, make_affine
 from helpers import write_dicom_series, write_nifti
 
 from SwinUNETRSegmentLib import imageio

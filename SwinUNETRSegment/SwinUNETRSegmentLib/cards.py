@@ -93,6 +93,7 @@ class ModelCard:
     license: str = ""
     citation: str = ""
     source: str = ""  # where the card was read from
+    training: dict[str, Any] = field(default_factory=dict)  # how the weights were made, and their scores
 
     @property
     def num_classes(self) -> int:
@@ -142,6 +143,7 @@ class ModelCard:
             "checkpoint": dict(self.checkpoint),
             "license": self.license,
             "citation": self.citation,
+            **({"training": dict(self.training)} if self.training else {}),
         }
 
 
@@ -292,6 +294,7 @@ def card_from_dict(data: Any, source: str = "<dict>") -> ModelCard:
         license=_get(data, "license", where, str, ""),
         citation=_get(data, "citation", where, str, ""),
         source=source,
+        training=dict(_get(data, "training", where, dict, {})),
     )
 
 

@@ -133,6 +133,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
+        if argv and argv[0] == "train":
+            from .training import main as train_main
+
+            return train_main([a for a in argv[1:] if a != "--debug"], _Parser)
         args = build_parser(_Parser).parse_args(argv)
         for path in run(args):
             print(path)

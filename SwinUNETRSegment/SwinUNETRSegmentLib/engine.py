@@ -106,6 +106,28 @@ def count_windows(image_size, roi_size, overlap: float) -> int:
     return len(dense_patch_slices(size, list(roi_size), interval))
 
 
+def resample_labels(src, dst: Volume, src_affine: Optional[np.ndarray] = None) -> np.ndarray:
+    """Labels of ``src`` (a Volume, or an array with ``src_affine``) on ``dst``'s voxels.
+
+    Nearest neighbour, with MONAI's SpatialResample between the two IJK-to-RAS matrices;
+    voxels of ``dst`` beyond ``src`` take the nearest edge label. Returns uint8 ``dst.shape``.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    if isinstance(src, Volume):
+        array, src_affine = src.array, src.ijk_to_ras
+    else:
+        array = src
+    img = MetaTensor(torch.as_tensor(np.asarray(array), dtype=torch.float32)[None],
+                     affine=torch.as_tensor(np.asarray(src_affine), dtype=torch.float64))
+    back = SpatialResample(mode="nearest", padding_mode="border", dtype=torch.float64)(
+        img, dst_affine=torch.as_tensor(dst.ijk_to_ras, dtype=torch.float64), spatial_size=dst.shape
+    )
+    return np.asarray(back.as_tensor()[0].round().to(torch.uint8).numpy())
+
+
 class Segmenter:
     """Runs one model card on volumes; the model is loaded once and kept.
 
@@ -189,9 +211,7 @@ class Segmenter:
                 :class:`~.errors.CancelledError` after the window that is running.
         """
         import torch
-        from monai.data import MetaTensor
         from monai.inferers import sliding_window_inference
-        from monai.transforms import SpatialResample
 
         tracker = ProgressTracker(progress)
         timings: dict[str, float] = {}
@@ -249,13 +269,7 @@ class Segmenter:
             check_cancel()
             t = time.perf_counter()
             tracker.stage("resampling", "back to the input grid")
-            src = MetaTensor(labels_model.float(), affine=model_affine)
-            back = SpatialResample(mode="nearest", padding_mode="border", dtype=torch.float64)(
-                src,
-                dst_affine=torch.as_tensor(volume.ijk_to_ras, dtype=torch.float64),
-                spatial_size=volume.shape,
-            )
-            labels = np.asarray(back.as_tensor()[0].round().to(torch.uint8).numpy())
+            labels = resample_labels(labels_model[0].numpy(), volume, src_affine=model_affine.numpy())
             timings["resample"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - t0
 

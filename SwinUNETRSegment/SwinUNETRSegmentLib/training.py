@@ -1,0 +1,380 @@
+"""Supervised training and fine-tuning: ``swinunetr-segment train``.
+
+Data is a MONAI Decathlon datalist (JSON with "training" and optional "validation"
+lists of {"image": ..., "label": ...}, paths relative to the JSON file). Images are
+anything :func:`~.imageio.read_volume` reads (DICOM folders included). Labels are label
+maps (NIfTI, NRRD...) or Slicer ``.seg.nrrd`` files, whose segments are matched to the
+card's labels by SNOMED code (type and modifier) or, failing that, by name, so that
+segmentations clinicians corrected in Slicer become training data. A label grid that
+differs from its image's (Slicer crops ``.seg.nrrd`` to the segments' extent) is
+resampled onto the image's voxels.
+
+Training uses MONAI transforms (the card's orientation, spacing and intensity window;
+random crops balanced over the label classes, flips, 90-degree rotations, intensity
+shifts), Dice + cross-entropy, AdamW, validation Dice per label with the card's sliding
+window. Written to ``--out``: ``last.pt`` (resumable: model, optimizer, epoch, history),
+``best.pt`` (the weights with the best validation Dice), ``card.json`` (the card of the
+trained model, with the training command, seed, data checksums and per-label Dice), and
+``log.jsonl`` (one line per epoch). Rerunning the same command resumes from ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .cards import LabelInfo, ModelCard, load_card
+from .errors import UserError
+from .geometry import Volume
+
+
+# --------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------
+def load_datalist(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(training items, validation items) with absolute paths."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"datalist not found: {path}; give a MONAI Decathlon JSON file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"datalist {p} is not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("training"), list) or not data["training"]:
+        raise UserError(f"datalist {p} needs a non-empty 'training' list of {{\"image\": ..., \"label\": ...}}")
+
+    def items(key: str) -> list[dict]:
+        out = []
+        for n, item in enumerate(data.get(key) or []):
+            if not isinstance(item, dict) or "image" not in item or "label" not in item:
+                raise UserError(f"datalist {p}: {key}[{n}] needs 'image' and 'label'")
+            resolved = {}
+            for k in ("image", "label"):
+                q = Path(item[k])
+                q = q if q.is_absolute() else p.parent / q
+                if not q.exists():
+                    raise UserError(f"datalist {p}: {key}[{n}] {k} not found: {q}")
+                resolved[k] = str(q)
+            out.append(resolved)
+        return out
+
+    return items("training"), items("validation")
+
+
+def _label_key(lab_type: Sequence[str], modifier: Optional[Sequence[str]]) -> tuple:
+    return (str(lab_type[0]).upper(), str(lab_type[1]), None if not modifier or not modifier[1] else str(modifier[1]))
+
+
+def match_segments(segments: Sequence[dict], labels: Sequence[LabelInfo]) -> dict[str, int]:
+    """Segment id -> card label value, by SNOMED type (+ modifier) code, else by name.
+
+    Segments that match no label (e.g. a tumour a clinician added) are left out.
+    """
+    by_code = {_label_key(lab.type.as_list(), lab.type_modifier.as_list() if lab.type_modifier else None): lab.value for lab in labels}
+    by_name = {lab.name.strip().lower(): lab.value for lab in labels}
+    out: dict[str, int] = {}
+    for seg in segments:
+        term = seg.get("terminology") or {}
+        value = None
+        if term.get("type") and len(term["type"]) >= 2 and term["type"][1]:
+            value = by_code.get(_label_key(term["type"], term.get("typeModifier")))
+        if value is None:
+            value = by_name.get(str(seg.get("name", "")).strip().lower())
+        if value is not None:
+            out[seg["id"]] = value
+    return out
+
+
+def read_label(path: str | Path, card: ModelCard, grid: Volume, label_map: Optional[dict[int, int]] = None) -> np.ndarray:
+    """The label map of ``path`` as card label values (uint8) on ``grid``'s voxels."""
+    from . import imageio
+    from .engine import resample_labels
+
+    p = Path(path)
+    if imageio.has_suffix(p, (".seg.nrrd",)):
+        import slicerio
+
+        try:
+            seg = slicerio.read_segmentation(str(p))
+        except Exception as exc:
+            raise UserError(f"cannot read segmentation {p.name} ({' '.join(str(exc).split())[:160]})") from None
+        matched = match_segments(seg["segments"], card.labels)
+        if not matched:
+            names = ", ".join(s.get("name", "?") for s in seg["segments"])
+            raise UserError(f"no segment of {p.name} ({names}) matches a label of card '{card.name}' by SNOMED code or name")
+        voxels = np.asarray(seg["voxels"])
+        arr = np.zeros(voxels.shape[-3:], np.uint8)
+        for s in seg["segments"]:
+            if s["id"] in matched:
+                arr[slicerio.segment_mask(seg, s)] = matched[s["id"]]
+        src = Volume.from_lps(arr, np.asarray(seg["ijkToLPS"], dtype=float))
+    else:
+        vol, _ = imageio.read_volume(p)
+        arr = np.asarray(vol.array)
+        if label_map is not None:
+            lut = np.zeros(int(max(arr.max(initial=0), max(label_map, default=0))) + 1, np.uint8)
+            for k, v in label_map.items():
+                lut[int(k)] = int(v)
+            arr = lut[np.clip(arr, 0, len(lut) - 1).astype(np.int64)]
+        valid = {lab.value for lab in card.labels} | {0}
+        bad = sorted(set(np.unique(arr).tolist()) - valid)
+        if bad:
+            raise UserError(f"label map {p.name} has values {bad[:8]} that are not labels of card '{card.name}'; "
+                            "give --label-map to translate them")
+        src = Volume(arr.astype(np.uint8), vol.ijk_to_ras)
+    if src.same_grid(grid):
+        return src.array.astype(np.uint8)
+    return resample_labels(src, grid)
+
+
+def _sha256(path: str | Path) -> str:
+    p = Path(path)
+    h = hashlib.sha256()
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for q in files:
+        with open(q, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class LoadPaird:
+    """MONAI-style dictionary transform: paths -> MetaTensors (channel first) on one grid."""
+
+    def __init__(self, card: ModelCard, label_map: Optional[dict[int, int]] = None):
+        self.card, self.label_map = card, label_map
+
+    def __call__(self, item: dict) -> dict:
+        import torch
+        from monai.data import MetaTensor
+
+        from .imageio import read_volume
+
+        vol, _ = read_volume(item["image"])
+        lab = read_label(item["label"], self.card, vol, self.label_map)
+        affine = torch.as_tensor(vol.ijk_to_ras, dtype=torch.float64)
+        return {
+            "image": MetaTensor(torch.from_numpy(np.ascontiguousarray(vol.array, dtype=np.float32))[None], affine=affine),
+            "label": MetaTensor(torch.from_numpy(np.ascontiguousarray(lab))[None], affine=affine.clone()),
+        }
+
+
+def transforms(card: ModelCard, crop: Sequence[int], num_samples: int, label_map=None, train: bool = True):
+    """(deterministic part, random part): MONAI Compose objects."""
+    from monai import transforms as T
+
+    it = card.intensity
+    keys = ["image", "label"]
+    fixed = [
+        LoadPaird(card, label_map),
+        T.Orientationd(keys=keys, axcodes=card.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        T.Spacingd(keys=keys, pixdim=card.spacing, mode=(card.interpolation, "nearest")),
+        T.ScaleIntensityRanged(keys="image", a_min=it["a_min"], a_max=it["a_max"], b_min=it["b_min"], b_max=it["b_max"],
+                               clip=bool(it.get("clip", True))),
+        T.EnsureTyped(keys="label", dtype=__import__("torch").uint8),
+    ]
+    if not train:
+        return T.Compose(fixed), None
+    fixed.append(T.SpatialPadd(keys=keys, spatial_size=list(crop)))
+    rand = T.Compose([
+        T.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=list(crop), num_classes=card.num_classes,
+                                  num_samples=num_samples, image_key="image", image_threshold=-1e9, warn=False),
+        T.RandFlipd(keys=keys, prob=0.2, spatial_axis=0),
+        T.RandFlipd(keys=keys, prob=0.2, spatial_axis=1),
+        T.RandFlipd(keys=keys, prob=0.2, spatial_axis=2),
+        T.RandRotate90d(keys=keys, prob=0.2, max_k=3),
+        T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+    ])
+    return T.Compose(fixed), rand
+
+
+# --------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------
+def dice_per_label(pred, truth, labels: Sequence[LabelInfo]) -> dict[str, float]:
+    """Dice of each label present in ``truth`` or ``pred`` (label maps of equal shape)."""
+    out = {}
+    for lab in labels:
+        p, t = pred == lab.value, truth == lab.value
+        denom = int(p.sum()) + int(t.sum())
+        if int(t.sum()) == 0:
+            continue  # not in this scan: no Dice to report
+        out[lab.name] = 2.0 * int((p & t).sum()) / denom
+    return out
+
+
+def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser_class(prog="swinunetr-segment train", description="Train or fine-tune a SwinUNETR under a model card.")
+    p.add_argument("--data", required=True, help="MONAI Decathlon datalist JSON ('training', optional 'validation')")
+    p.add_argument("--card", required=True, help="model card: built-in name or card JSON file")
+    p.add_argument("--out", required=True, help="output folder (resumes from its last.pt)")
+    p.add_argument("--init", help="weights to start from (fine-tuning); every key must fit the card")
+    p.add_argument("--name", help="name of the trained model's card (default: the card's name + '-trained')")
+    p.add_argument("--label-map", help="JSON {source value: card value} for label maps with other values")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--steps-per-epoch", type=int, default=0, help="steps per epoch (default: one per training scan)")
+    p.add_argument("--crop", type=int, nargs=3, default=None, help="crop size (default: the card's window)")
+    p.add_argument("--num-samples", type=int, default=2, help="crops per scan and step (the batch size)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--fp16-weights", action="store_true", help="store best.pt in half precision (half the size)")
+    p.add_argument("--max-minutes", type=float, default=0, help="stop cleanly (resumable) after this many minutes")
+    return p
+
+
+def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
+    import torch
+    from monai.data import CacheDataset
+    from monai.inferers import sliding_window_inference
+    from monai.losses import DiceCELoss
+    from monai.utils import set_determinism
+
+    from .checkpoint import build_network, extract_state_dict, load_weights, read_state_dict
+    from .engine import resolve_device
+
+    t_start = time.monotonic()
+    card = load_card(args.card)
+    train_items, val_items = load_datalist(args.data)
+    if not val_items:
+        val_items = train_items
+    label_map = None
+    if args.label_map:
+        try:
+            label_map = {int(k): int(v) for k, v in json.loads(Path(args.label_map).read_text()).items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise UserError(f"--label-map {args.label_map} must be a JSON object of integer values ({exc})") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    crop = tuple(args.crop) if args.crop else card.roi_size
+    if any(c < 64 or c % 32 for c in crop):
+        raise UserError(f"--crop {' '.join(map(str, crop))}: each size must be a multiple of 32 and at least 64 "
+                        "(SwinUNETR's deepest features need 2 voxels per axis to train)")
+    device = resolve_device(args.device)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    set_determinism(seed=args.seed)
+    net = build_network(card)
+    if args.init:
+        load_weights(net, read_state_dict(args.init), card, Path(args.init).name)
+    net = net.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    state = {"epoch": 0, "best_dice": -1.0, "history": []}
+
+    last = out / "last.pt"
+    if last.exists():
+        ckpt = torch.load(str(last), map_location="cpu", weights_only=True)
+        load_weights(net, extract_state_dict(ckpt["model"]), card, last.name)
+        opt.load_state_dict(ckpt["optimizer"])
+        state.update({k: ckpt[k] for k in ("epoch", "best_dice", "history")})
+        log(f"resuming from {last} at epoch {state['epoch']}")
+
+    fixed, rand = transforms(card, crop, args.num_samples, label_map)
+    val_fixed, _ = transforms(card, crop, args.num_samples, label_map, train=False)
+    log(f"caching {len(train_items)} training and {len(val_items)} validation scans in model space")
+    train_ds = CacheDataset(train_items, fixed, cache_rate=1.0, num_workers=0, progress=False)
+    val_ds = CacheDataset(val_items, val_fixed, cache_rate=1.0, num_workers=0, progress=False)
+    steps = args.steps_per_epoch or len(train_items)
+    rng = np.random.default_rng(args.seed + state["epoch"])
+
+    def evaluate() -> dict[str, float]:
+        net.eval()
+        scores: dict[str, list[float]] = {}
+        with torch.inference_mode():
+            for item in val_ds:
+                x = item["image"].as_tensor()[None].to(device)
+                logits = sliding_window_inference(x, card.roi_size, 1, net, overlap=card.overlap)
+                pred = logits.argmax(1)[0].cpu().numpy()
+                for name, d in dice_per_label(pred, item["label"].as_tensor()[0].numpy(), card.labels).items():
+                    scores.setdefault(name, []).append(d)
+        net.train()
+        return {k: float(np.mean(v)) for k, v in scores.items()}
+
+    net.train()
+    stopped_early = False
+    while state["epoch"] < args.epochs:
+        epoch = state["epoch"] + 1
+        set_determinism(seed=args.seed + epoch)
+        t0 = time.monotonic()
+        losses = []
+        for _ in range(steps):
+            cached = train_ds[int(rng.integers(len(train_ds)))]
+            crops = rand(cached)
+            x = torch.stack([c["image"].as_tensor() for c in crops]).to(device)
+            y = torch.stack([c["label"].as_tensor() for c in crops]).to(device).long()
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.monotonic() - t0, 2)}
+        if epoch % args.val_every == 0 or epoch == args.epochs:
+            dice = evaluate()
+            mean = float(np.mean(list(dice.values()))) if dice else 0.0
+            entry.update({"dice": dice, "mean_dice": mean})
+            if mean > state["best_dice"]:
+                state["best_dice"] = mean
+                _save_best(net, out, card, args, dice, entry, train_items, val_items)
+        state["epoch"] = epoch
+        state["history"].append(entry)
+        _atomic_torch_save({"model": net.state_dict(), "optimizer": opt.state_dict(), **state}, last)
+        with open(out / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        log(f"epoch {epoch}/{args.epochs} loss {entry['loss']:.4f}" + (f" mean Dice {entry['mean_dice']:.3f}" if "mean_dice" in entry else ""))
+        if args.max_minutes and (time.monotonic() - t_start) / 60 > args.max_minutes:
+            log(f"stopping after {args.max_minutes} minutes; rerun the same command to resume")
+            stopped_early = True
+            break
+    return {"epochs": state["epoch"], "best_dice": state["best_dice"], "history": state["history"], "stopped_early": stopped_early}
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(f".{path.name}.part")
+    torch.save(obj, str(tmp))
+    os.replace(tmp, path)
+
+
+def _save_best(net, out: Path, card: ModelCard, args, dice, entry, train_items, val_items) -> None:
+    sd = {k: (v.half() if args.fp16_weights and v.is_floating_point() else v).cpu() for k, v in net.state_dict().items()}
+    _atomic_torch_save(sd, out / "best.pt")
+    from .checkpoint import sha256_file
+
+    data = card.to_json()
+    data["name"] = args.name or f"{card.name}-trained"
+    data["checkpoint"] = {"file": "best.pt", "sha256": sha256_file(out / "best.pt")}
+    data["training"] = {
+        "command": "swinunetr-segment train " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) or []),
+        "seed": args.seed,
+        "epoch": entry["epoch"],
+        "init": args.init,
+        "data": [{"image": Path(i["image"]).name, "label": Path(i["label"]).name,
+                  "image_sha256": _sha256(i["image"]), "label_sha256": _sha256(i["label"])} for i in train_items],
+        "validation": [Path(i["image"]).name for i in val_items],
+        "dice": {k: round(v, 4) for k, v in dice.items()},
+        "mean_dice": round(entry["mean_dice"], 4),
+    }
+    tmp = out / ".card.json.part"
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "card.json")
+
+
+def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> int:
+    args = build_parser(parser_class).parse_args(list(argv))
+    args.argv = list(argv)
+    result = train(args, log=lambda s: print(s, flush=True))
+    print(json.dumps({"epochs": result["epochs"], "best_mean_dice": round(result["best_dice"], 4)}))
+    return 0
