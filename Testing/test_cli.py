@@ -88,6 +88,28 @@ def test_two_series_choose_one(capsys, tmp_path):
     np.testing.assert_array_equal(vol.array, b.array)
 
 
+def test_series_in_a_subfolder_is_found(tmp_path):
+    vol = grid_volume((0.8, 0.8, 3.0), np.eye(3), (1, 2, 3), shape=(8, 9, 5))
+    write_dicom_series(vol, tmp_path / "export" / "PAT1" / "ST1" / "SE3", modality="MR")
+    back, info = imageio.read_volume(tmp_path / "export")
+    np.testing.assert_array_equal(back.array, vol.array)
+    assert info.modality == "MR"
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from SwinUNETRSegmentLib.cli import _progress_printer
+
+    class Pipe:
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr(sys, "stderr", Pipe())
+    callback, close = _progress_printer(quiet=False)
+    assert callback is None
+    callback, close = _progress_printer(quiet=True)
+    assert callback is None
+
+
 def _write_nifti_array(path, arr, affine=None):
     import nibabel as nib
 

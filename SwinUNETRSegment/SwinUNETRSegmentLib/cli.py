@@ -106,6 +106,9 @@ def run(args: argparse.Namespace, cancel: Optional[threading.Event] = None) -> l
 
     # 2. The scan, the model, the work.
     volume, info = imageio.read_volume(args.input, series_uid=args.series)
+    if info.modality and card.modality and info.modality.upper() != card.modality.upper() and not args.quiet:
+        print(f"{PROG}: warning: the scan is {info.modality} but model '{card.name}' was trained on {card.modality}; "
+              "expect a poor segmentation", file=sys.stderr)
     segmenter = Segmenter(card, weights, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size)
     segmenter.load()  # a checkpoint that does not fit the card fails here, before any inference
     callback, close = _progress_printer(args.quiet)

@@ -164,36 +164,56 @@ def _read_itk(p: Path) -> tuple[Volume, ScanInfo]:
     return _itk_image_to_volume(image, str(p)), ScanInfo(source=str(p))
 
 
+def _find_series(folder: Path, max_depth: int = 4) -> list[tuple[Path, str]]:
+    """(folder, SeriesInstanceUID) of every series in ``folder``, else in its subfolders
+    (exports often nest a series a few folders down)."""
+    import SimpleITK as sitk
+
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if ids:
+        return [(folder, uid) for uid in ids]
+    found = []
+    base_depth = len(folder.parts)
+    for root, dirs, _files in os.walk(folder):
+        dirs.sort()
+        if len(Path(root).parts) - base_depth >= max_depth:
+            dirs[:] = []
+        for d in dirs:
+            sub = Path(root) / d
+            found += [(sub, uid) for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(sub))]
+    return found
+
+
 def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[Volume, ScanInfo]:
     import SimpleITK as sitk
 
-    reader = sitk.ImageSeriesReader
-    ids = list(reader.GetGDCMSeriesIDs(str(folder)))
-    if not ids:
-        raise UserError(f"no DICOM series found in folder {folder}; put the series' files directly in the folder, or give an image file")
+    series = _find_series(folder)
+    if not series:
+        raise UserError(f"no DICOM series found in folder {folder} or its subfolders; give a folder of DICOM files or an image file")
     if series_uid is not None:
-        if series_uid not in ids:
-            raise UserError(f"series {series_uid} is not in {folder}; series there: {', '.join(_describe_series(folder, ids))}")
-        uid = series_uid
-    elif len(ids) > 1:
+        chosen = [s for s in series if s[1] == series_uid]
+        if not chosen:
+            raise UserError(f"series {series_uid} is not in {folder}; series there: {'; '.join(_describe_series(series))}")
+        where, uid = chosen[0]
+    elif len(series) > 1:
         raise UserError(
-            f"folder {folder} holds {len(ids)} DICOM series: {'; '.join(_describe_series(folder, ids))}; "
+            f"folder {folder} holds {len(series)} DICOM series: {'; '.join(_describe_series(series))}; "
             "choose one with --series UID or move it to a folder of its own"
         )
     else:
-        uid = ids[0]
-    files = list(reader.GetGDCMSeriesFileNames(str(folder), uid))
+        where, uid = series[0]
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(where), uid))
     r = sitk.ImageSeriesReader()
     r.SetFileNames(files)
     try:
         image = r.Execute()
     except RuntimeError as exc:
-        raise UserError(f"cannot read the DICOM series in {folder} ({_itk_reason(exc)}); check that its files are complete") from None
+        raise UserError(f"cannot read the DICOM series in {where} ({_itk_reason(exc)}); check that its files are complete") from None
     if image.GetDimension() == 3 and image.GetSize()[2] == 1 and len(files) == 1:
-        raise UserError(f"the DICOM series in {folder} has a single slice (a 2D image); give a 3D series")
+        raise UserError(f"the DICOM series in {where} has a single slice (a 2D image); give a 3D series")
     modality, description = _dicom_tags(files[0], ("0008|0060", "0008|103e"))
-    vol = _itk_image_to_volume(image, str(folder))
-    return vol, ScanInfo(source=str(folder), modality=modality, description=description, extra={"series_uid": uid, "files": len(files)})
+    vol = _itk_image_to_volume(image, str(where))
+    return vol, ScanInfo(source=str(where), modality=modality, description=description, extra={"series_uid": uid, "files": len(files)})
 
 
 def _dicom_tags(filename: str, tags: Sequence[str]) -> list[str]:
@@ -208,12 +228,12 @@ def _dicom_tags(filename: str, tags: Sequence[str]) -> list[str]:
     return [r.GetMetaData(t).strip() if r.HasMetaDataKey(t) else "" for t in tags]
 
 
-def _describe_series(folder: Path, ids: Sequence[str]) -> list[str]:
+def _describe_series(series: Sequence[tuple[Path, str]]) -> list[str]:
     import SimpleITK as sitk
 
     out = []
-    for uid in ids:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    for where, uid in series:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(where), uid)
         modality, desc = _dicom_tags(files[0], ("0008|0060", "0008|103e")) if files else ("", "")
         label = " ".join(x for x in (modality, f"'{desc}'" if desc else "") if x)
         out.append(f"{uid or '(no UID)'} ({label + ', ' if label else ''}{len(files)} files)")
