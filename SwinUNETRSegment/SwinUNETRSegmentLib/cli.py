@@ -3,6 +3,8 @@
     swinunetr-segment -i ct.nii.gz -o ct.seg.nrrd --preview ct.png
     swinunetr-segment -i dicom_folder/ -o ct.seg.nrrd -o ct.nii.gz --model btcv
     swinunetr-segment -i ct.nrrd -o ct.seg.nrrd --card btcv --checkpoint finetuned.pt
+    swinunetr-segment models list | info NAME | download NAME | install NAME FILE | remove NAME | add CARD
+    swinunetr-segment train --data datalist.json --card btcv --out run/
 
 Exit codes: 0 done; 2 bad input (one line on stderr says what to do); 130 interrupted;
 1 an internal error (a bug: run with --debug for the traceback and report it).
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace, cancel: Optional[threading.Event] = None) -> l
     if args.card and not args.checkpoint:
         raise UserError(f"--card {args.card} needs --checkpoint PATH (the weights to run under that card)")
     if args.checkpoint:
-        card = load_card(args.card or args.model or catalog.DEFAULT_MODEL)
+        card = load_card(args.card) if args.card else catalog.card_of(args.model or catalog.DEFAULT_MODEL)
         weights = Path(args.checkpoint)
     else:
         card, weights = catalog.resolve_model(args.model or catalog.DEFAULT_MODEL)
@@ -140,6 +142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .training import main as train_main
 
             return train_main([a for a in argv[1:] if a != "--debug"], _Parser)
+        if argv and argv[0] == "models":
+            from .models_cli import main as models_main
+
+            return models_main([a for a in argv[1:] if a != "--debug"], _Parser)
         args = build_parser(_Parser).parse_args(argv)
         for path in run(args):
             print(path)

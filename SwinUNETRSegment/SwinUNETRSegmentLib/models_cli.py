@@ -1,0 +1,93 @@
+"""``swinunetr-segment models list | info NAME | download NAME | install NAME FILE | remove NAME | add CARD``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import catalog
+
+
+def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser_class(prog="swinunetr-segment models", description="Model catalog: cards and verified weights.")
+    sub = p.add_subparsers(dest="action", required=True, parser_class=parser_class)
+    sub.add_parser("list", help="every model, and whether its weights are on this machine")
+    s = sub.add_parser("info", help="a model's card: labels, licence, citation, checkpoint")
+    s.add_argument("name")
+    s = sub.add_parser("download", help="download and verify a model's weights")
+    s.add_argument("name")
+    s.add_argument("--url", help="another address of the same file (a mirror); the checksum is still the card's")
+    s = sub.add_parser("install", help="verify and install weights you copied by hand")
+    s.add_argument("name")
+    s.add_argument("file")
+    s = sub.add_parser("remove", help="delete a model's downloaded weights")
+    s.add_argument("name")
+    s = sub.add_parser("add", help="add a model card (JSON) to your catalog")
+    s.add_argument("card")
+    return p
+
+
+def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> int:
+    args = build_parser(parser_class).parse_args(list(argv))
+    if args.action == "list":
+        rows = []
+        for name in catalog.model_names():
+            card = catalog.card_of(name)
+            state = "bundled" if card.checkpoint.get("bundled") else ("installed" if catalog.is_installed(card) else "not installed")
+            rows.append((name, card.modality, str(len(card.labels)), state, card.title))
+        widths = [max(len(r[i]) for r in rows + [("NAME", "MODALITY", "LABELS", "WEIGHTS", "")]) for i in range(4)]
+        print("  ".join(h.ljust(w) for h, w in zip(("NAME", "MODALITY", "LABELS", "WEIGHTS"), widths)) + "  TITLE")
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    elif args.action == "info":
+        card = catalog.card_of(args.name)
+        print(f"{card.name}: {card.title}")
+        if card.description:
+            print(card.description)
+        print(f"modality: {card.modality}")
+        print(f"network: {card.network} {card.network_args}")
+        print(f"preprocessing: {card.orientation}, spacing {list(card.spacing)} mm, intensity {card.intensity}")
+        print(f"windows: {list(card.roi_size)}, overlap {card.overlap}")
+        print("labels: " + ", ".join(f"{lab.value} {lab.name}" for lab in card.labels))
+        if card.license:
+            print(f"licence: {card.license}")
+        if card.citation:
+            print(f"citation: {card.citation}")
+        ck = card.checkpoint
+        if ck.get("url"):
+            print(f"checkpoint: {ck['url']}")
+        for algo in ("sha256", "md5"):
+            if ck.get(algo):
+                print(f"{algo}: {ck[algo]}")
+        print(f"weights: {catalog.installed_path(card)} ({'present' if catalog.is_installed(card) else 'not on this machine'})")
+        if card.training.get("dice"):
+            print("Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in card.training["dice"].items()))
+    elif args.action == "download":
+        path = catalog.download(args.name, progress=_bar(), url=args.url)
+        print(path)
+    elif args.action == "install":
+        print(catalog.install_file(args.name, args.file))
+    elif args.action == "remove":
+        path = catalog.remove(args.name)
+        print(f"removed {path}" if path else f"model '{args.name}' has no downloaded weights here")
+    elif args.action == "add":
+        card = catalog.add_card(args.card)
+        print(f"added model '{card.name}'")
+    return 0
+
+
+def _bar():
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(unit="B", unit_scale=True, file=sys.stderr, leave=False)
+
+    def update(done, total):
+        if total and bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update

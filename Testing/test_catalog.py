@@ -1,0 +1,160 @@
+"""Catalog and downloads against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from SwinUNETRSegmentLib import catalog
+from SwinUNETRSegmentLib.cards import load_card
+from SwinUNETRSegmentLib.cli import main
+from SwinUNETRSegmentLib.errors import UserError
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB "checkpoint"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """/good: the file; /tampered: one byte changed; /drop: always cut midway;
+    /drop-once: cut midway once, then honours Range."""
+
+    drops = {"count": 0}
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        data = PAYLOAD
+        if self.path == "/tampered":
+            data = PAYLOAD[:1000] + b"X" + PAYLOAD[1001:]
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and self.path == "/drop-once":
+            start = int(rng.split("=")[1].split("-")[0])
+        if self.path not in ("/good", "/tampered", "/drop", "/drop-once"):
+            self.send_error(404)
+            return
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        cut = self.path == "/drop" or (self.path == "/drop-once" and Handler.drops["count"] == 0)
+        if cut:
+            Handler.drops["count"] += 1
+            self.wfile.write(data[start:start + len(data) // 3])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(data[start:])
+
+
+@pytest.fixture()
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    Handler.drops["count"] = 0
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWINUNETR_SEGMENT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def add_test_card(tmp_path, url, sha256=None, md5=None, name="served"):
+    data = load_card("btcv").to_json()
+    data["name"] = name
+    data["checkpoint"] = {"url": url}
+    if sha256:
+        data["checkpoint"]["sha256"] = sha256
+    if md5:
+        data["checkpoint"]["md5"] = md5
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return catalog.add_card(path)
+
+
+def leftovers(home: Path) -> list[Path]:
+    return [p for p in home.rglob("*") if p.is_file() and ".part" in p.name]
+
+
+def test_good_download_verifies_caches_and_hits(tmp_path, home, server):
+    add_test_card(tmp_path, f"{server}/good", sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    seen = []
+    path = catalog.download("served", progress=lambda d, t: seen.append((d, t)))
+    assert path.read_bytes() == PAYLOAD
+    assert seen[-1] == (len(PAYLOAD), len(PAYLOAD))
+    mtime = path.stat().st_mtime_ns
+    # Second download: a cache hit, no request needed (the server is gone).
+    assert catalog.download("served", url="http://127.0.0.1:9/never") == path
+    assert path.stat().st_mtime_ns == mtime
+    card, weights = catalog.resolve_model("served")
+    assert weights == path and card.name == "served"
+
+
+def test_publisher_md5_is_checked(tmp_path, home, server):
+    add_test_card(tmp_path, f"{server}/good", md5=hashlib.md5(PAYLOAD).hexdigest())
+    assert catalog.download("served").read_bytes() == PAYLOAD
+
+
+def test_tampered_download_is_refused_and_leaves_nothing(tmp_path, home, server):
+    add_test_card(tmp_path, f"{server}/tampered", sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    with pytest.raises(UserError, match="refusing the download of 'served'.*sha256"):
+        catalog.download("served")
+    assert not catalog.is_installed(catalog.card_of("served"))
+    assert leftovers(home) == []
+
+
+def test_connection_dropped_midway_leaves_nothing(tmp_path, home, server):
+    add_test_card(tmp_path, f"{server}/drop", sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    with pytest.raises(UserError, match="failed after 2 retries"):
+        catalog.download("served", retries=2)
+    assert not catalog.is_installed(catalog.card_of("served"))
+    assert leftovers(home) == []
+
+
+def test_dropped_connection_resumes(tmp_path, home, server):
+    add_test_card(tmp_path, f"{server}/drop-once", sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    assert catalog.download("served").read_bytes() == PAYLOAD
+    assert Handler.drops["count"] == 1
+
+
+def test_install_verifies_a_hand_copied_file(tmp_path, home):
+    add_test_card(tmp_path, "http://unused.invalid/x", sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    good.write_bytes(PAYLOAD)
+    bad.write_bytes(PAYLOAD[:-1] + b"!")
+    with pytest.raises(UserError, match="not the checkpoint model card 'served' names"):
+        catalog.install_file("served", bad)
+    assert leftovers(home) == [] and not catalog.is_installed(catalog.card_of("served"))
+    assert catalog.install_file("served", good).read_bytes() == PAYLOAD
+    assert catalog.remove("served") is not None
+    assert not catalog.is_installed(catalog.card_of("served"))
+
+
+def test_models_command_line(tmp_path, home, server, capsys):
+    add_test_card(tmp_path, f"{server}/tampered", sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "btcv" in out and "served" in out and "not installed" in out
+    assert main(["models", "info", "btcv"]) == 0
+    out = capsys.readouterr().out
+    assert "liver" in out and "50dd67a01b28a1d5487fd9ac27e682fb" in out
+    assert main(["models", "download", "served"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refusing the download" in err
+    assert main(["models", "download", "served", "--url", f"{server}/good"]) == 0
+    assert main(["models", "info", "nonexistent"]) == 2
+    assert "known models" in capsys.readouterr().err
+
+
+def test_card_without_checksum_cannot_be_downloaded(tmp_path, home, server):
+    add_test_card(tmp_path, f"{server}/good")
+    with pytest.raises(UserError, match="gives no sha256 or md5"):
+        catalog.download("served")
