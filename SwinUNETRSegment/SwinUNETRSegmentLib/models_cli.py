@@ -1,4 +1,4 @@
-"""``swinunetr-segment models list | info NAME | download NAME | install NAME FILE | remove NAME | add CARD``."""
+"""``swinunetr-segment models list | info NAME | download NAME | install NAME FILE | remove NAME | add CARD | import-bundle DIR``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
     s.add_argument("name")
     s = sub.add_parser("add", help="add a model card (JSON) to your catalog")
     s.add_argument("card")
+    s = sub.add_parser("import-bundle", help="add a MONAI bundle folder (configs/, models/model.pt) to your catalog")
+    s.add_argument("folder")
+    s.add_argument("--name", help="catalog name (default: the bundle's)")
     return p
 
 
@@ -71,6 +74,11 @@ def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> i
     elif args.action == "remove":
         path = catalog.remove(args.name)
         print(f"removed {path}" if path else f"model '{args.name}' has no downloaded weights here")
+    elif args.action == "import-bundle":
+        from .bundle import import_bundle
+
+        card = import_bundle(args.folder, args.name)
+        print(f"imported model '{card.name}' ({len(card.labels)} labels)")
     elif args.action == "add":
         card = catalog.add_card(args.card)
         print(f"added model '{card.name}'")
