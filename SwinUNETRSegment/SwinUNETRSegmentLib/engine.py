@@ -106,11 +106,13 @@ def count_windows(image_size, roi_size, overlap: float) -> int:
     return len(dense_patch_slices(size, list(roi_size), interval))
 
 
-def resample_labels(src, dst: Volume, src_affine: Optional[np.ndarray] = None) -> np.ndarray:
+def resample_labels(src, dst: Volume, src_affine: Optional[np.ndarray] = None, outside: str = "border") -> np.ndarray:
     """Labels of ``src`` (a Volume, or an array with ``src_affine``) on ``dst``'s voxels.
 
-    Nearest neighbour, with MONAI's SpatialResample between the two IJK-to-RAS matrices;
-    voxels of ``dst`` beyond ``src`` take the nearest edge label. Returns uint8 ``dst.shape``.
+    Nearest neighbour, with MONAI's SpatialResample between the two IJK-to-RAS matrices.
+    Voxels of ``dst`` beyond ``src`` take the nearest edge label (``outside="border"``, for
+    model space that covers the input up to a sliver) or background (``"zeros"``, for a
+    label map cropped to its segments). Returns uint8 of ``dst.shape``.
     """
     import torch
     from monai.data import MetaTensor
@@ -122,7 +124,7 @@ def resample_labels(src, dst: Volume, src_affine: Optional[np.ndarray] = None) -
         array = src
     img = MetaTensor(torch.as_tensor(np.asarray(array), dtype=torch.float32)[None],
                      affine=torch.as_tensor(np.asarray(src_affine), dtype=torch.float64))
-    back = SpatialResample(mode="nearest", padding_mode="border", dtype=torch.float64)(
+    back = SpatialResample(mode="nearest", padding_mode=outside, dtype=torch.float64)(
         img, dst_affine=torch.as_tensor(dst.ijk_to_ras, dtype=torch.float64), spatial_size=dst.shape
     )
     return np.asarray(back.as_tensor()[0].round().to(torch.uint8).numpy())

@@ -132,7 +132,7 @@ def read_label(path: str | Path, card: ModelCard, grid: Volume, label_map: Optio
         src = Volume(arr.astype(np.uint8), vol.ijk_to_ras)
     if src.same_grid(grid):
         return src.array.astype(np.uint8)
-    return resample_labels(src, grid)
+    return resample_labels(src, grid, outside="zeros")
 
 
 def _sha256(path: str | Path) -> str:

@@ -1,0 +1,122 @@
+"""Training on real CT, with NIfTI pseudo-labels and with a Slicer .seg.nrrd."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import slicerio
+
+from SwinUNETRSegmentLib import imageio, training
+from SwinUNETRSegmentLib.cards import load_card
+from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.geometry import Volume
+from SwinUNETRSegmentLib.sampledata import TOTALSEG_TO_BTCV
+
+BTCV = load_card("btcv")
+
+
+def pseudo_labels(reference_files) -> Volume:
+    """example_ct's TotalSegmentator labels as BTCV values."""
+    ts, _ = imageio.read_volume(reference_files / "example_seg_fast_force_split.nii.gz")
+    lut = np.zeros(256, np.uint8)
+    for k, v in TOTALSEG_TO_BTCV.items():
+        lut[k] = v
+    return ts.with_array(lut[ts.array.astype(np.int64)])
+
+
+def write_slicer_seg(labels: Volume, path, crop=(slice(10, 100), slice(5, 90), slice(20, 100))):
+    """A .seg.nrrd as Slicer saves one after editing: cropped to the segments' extent, names
+    edited by hand (terminology kept), a segment the card does not know (a tumour)."""
+    arr = labels.array[crop]
+    offset = np.array([s.start for s in crop], float)
+    m = labels.ijk_to_ras.copy()
+    m[:3, 3] = labels.ijk_to_world(offset)[0]
+    cropped = Volume(np.ascontiguousarray(arr), m)
+    seg = slicerio.create_segmentation(cropped.shape, cropped.ijk_to_lps)
+    for lab in BTCV.labels:
+        mask = arr == lab.value
+        if mask.any():
+            slicerio.add_segment(seg, mask, {"id": f"S{lab.value}", "name": f"{lab.name.title()} (corrected)",
+                                             "color": list(lab.color_float), "terminology": lab.terminology()})
+    tumour = np.zeros(arr.shape, bool)
+    tumour[40:45, 40:45, 40:45] = True
+    slicerio.add_segment(seg, tumour, {"id": "T", "name": "tumour"})
+    slicerio.write_segmentation(str(path), seg)
+    return cropped
+
+
+@pytest.mark.network
+def test_slicer_segmentation_labels_land_on_the_image_grid(tmp_path, reference_files):
+    ct, _ = imageio.read_volume(reference_files / "example_ct.nii.gz")
+    labels = pseudo_labels(reference_files)
+    path = tmp_path / "corrected.seg.nrrd"
+    write_slicer_seg(labels, path)
+    got = training.read_label(path, BTCV, ct)
+    assert got.shape == ct.shape
+    crop = (slice(10, 100), slice(5, 90), slice(20, 100))
+    expected = np.zeros(ct.shape, np.uint8)
+    expected[crop] = labels.array[crop]
+    # Matched by SNOMED code although every name was edited; the tumour is left out.
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_segment_matching_by_code_then_name():
+    segs = [
+        {"id": "a", "name": "whatever", "terminology": {"type": ["SCT", "64033007", "Kidney"], "typeModifier": ["SCT", "7771000", "Left"]}},
+        {"id": "b", "name": "Liver"},
+        {"id": "c", "name": "tumour", "terminology": {"type": ["SCT", "4147007", "Mass"]}},
+    ]
+    assert training.match_segments(segs, BTCV.labels) == {"a": 3, "b": 6}
+
+
+def test_unmatched_segmentation_is_a_clear_error(tmp_path):
+    from pathlib import Path
+
+    ref = Path(slicerio.__file__).parent / "data" / "Segmentation.seg.nrrd"  # chest: ribs, spine, lungs
+    grid = Volume(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    with pytest.raises(UserError, match="no segment of Segmentation.seg.nrrd .*ribs.* matches a label of card 'btcv'"):
+        training.read_label(ref, BTCV, grid)
+
+
+@pytest.mark.network
+def test_two_epochs_lower_the_loss_and_the_engine_loads_the_result(tmp_path, reference_files, capsys):
+    from SwinUNETRSegmentLib.cli import main
+
+    ct = reference_files / "example_ct.nii.gz"
+    write_slicer_seg(pseudo_labels(reference_files), tmp_path / "corrected.seg.nrrd")
+    (tmp_path / "map.json").write_text(json.dumps({str(k): v for k, v in TOTALSEG_TO_BTCV.items()}))
+    # One scan with NIfTI pseudo-labels (translated by --label-map), the same scan as corrected in Slicer.
+    datalist = {"training": [{"image": str(ct), "label": "corrected.seg.nrrd"}],
+                "validation": [{"image": str(ct), "label": "corrected.seg.nrrd"}]}
+    (tmp_path / "data.json").write_text(json.dumps(datalist))
+    card = load_card("btcv").to_json()
+    card["network"]["args"]["feature_size"] = 12
+    card["preprocessing"]["spacing"] = [6.0, 6.0, 6.0]
+    card["inference"].update(roi_size=[64, 64, 64], overlap=0.0, sw_batch_size=1)
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    out = tmp_path / "run"
+    argv = ["train", "--data", tmp_path / "data.json", "--card", tmp_path / "card.json", "--out", out,
+            "--epochs", "2", "--steps-per-epoch", "3", "--crop", "64", "64", "64", "--num-samples", "1", "--lr", "2e-3",
+            "--name", "tiny-trained"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2]
+    assert log[-1]["loss"] < log[0]["loss"]
+    trained = json.loads((out / "card.json").read_text())
+    assert trained["name"] == "tiny-trained" and trained["training"]["data"][0]["label"] == "corrected.seg.nrrd"
+    assert set(trained["training"]["dice"]) <= {lab.name for lab in BTCV.labels}
+
+    # The engine runs the trained card and its checkpoint, on the input's grid.
+    seg_out = tmp_path / "ct.seg.nrrd"
+    assert main(["-i", str(ct), "-o", str(seg_out), "--card", str(out / "card.json"), "--checkpoint", str(out / "best.pt"),
+                 "--device", "cpu", "-q"]) == 0
+    back, _ = imageio.read_volume(seg_out)
+    src, _ = imageio.read_volume(ct)
+    assert back.same_grid(src)
+
+    # Running the same command again resumes (nothing left to do at epoch 2 of 2).
+    assert main([str(a) for a in argv]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
