@@ -1,7 +1,7 @@
 """Shared fixtures: small model cards, synthetic grids, and the real example CT.
 
 The real CT comes from the totalsegmentator 2.18.0 source archive (Apache-2.0), fetched
-with pip into a cache once (``SWINUNETR_TEST_CACHE``, default ~/.cache/swinunetr-segment-tests);
+with pip into a cache once (``SWINUNETR_TEST_CACHE``, default: the demo's sample-data cache);
 tests that need it skip with the reason when the package registry cannot be reached.
 """
 
@@ -93,7 +93,10 @@ def grid_volume(spacing, direction, origin, shape=(23, 19, 17), seed=0, dtype=np
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("SWINUNETR_TEST_CACHE", Path.home() / ".cache" / "swinunetr-segment-tests"))
+    """The demo's sample-data cache (so CI downloads the archive once), unless SWINUNETR_TEST_CACHE is set."""
+    from SwinUNETRSegmentLib.sampledata import cache_dir
+
+    return Path(os.environ.get("SWINUNETR_TEST_CACHE") or cache_dir())
 
 
 @pytest.fixture(scope="session")

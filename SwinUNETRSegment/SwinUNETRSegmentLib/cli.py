@@ -134,6 +134,35 @@ def run(args: argparse.Namespace, cancel: Optional[threading.Event] = None) -> l
     return written
 
 
+def demo(argv: Sequence[str]) -> int:
+    """``swinunetr-segment demo [--out DIR]``: the built-in model on a real abdominal CT.
+
+    The first run fetches the example CT (the totalsegmentator 2.18.0 source archive, with
+    pip) into the user cache; later runs need no network. Writes DIR/example_ct.seg.nrrd
+    and DIR/example_ct.png (default DIR: ./swinunetr-demo) and prints where they are.
+    """
+    from . import catalog
+    from .sampledata import reference_files
+
+    p = _Parser(prog=f"{PROG} demo", description="Segment a real example CT with the built-in model, offline after the first run.")
+    p.add_argument("--out", default="swinunetr-demo", help="output folder (default: ./swinunetr-demo)")
+    p.add_argument("--model", default=catalog.DEFAULT_MODEL, help=f"catalog model (default: {catalog.DEFAULT_MODEL})")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(list(argv))
+    ct = reference_files() / "example_ct.nii.gz"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ns = build_parser().parse_args(["-i", str(ct), "-o", str(out / "example_ct.seg.nrrd"), "--preview", str(out / "example_ct.png"),
+                                    "--model", args.model, "--device", args.device, "--overwrite"] + (["-q"] if args.quiet else []))
+    written = run(ns)
+    print(f"{PROG}: segmented {ct.name} (a real abdominal CT) with model '{args.model}'. Open the .seg.nrrd in 3D Slicer "
+          "together with the CT, or look at the PNG:", file=sys.stderr)
+    for path in written:
+        print(path.resolve())
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -142,6 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .training import main as train_main
 
             return train_main([a for a in argv[1:] if a != "--debug"], _Parser)
+        if argv and argv[0] == "demo":
+            return demo([a for a in argv[1:] if a != "--debug"])
         if argv and argv[0] == "models":
             from .models_cli import main as models_main
 

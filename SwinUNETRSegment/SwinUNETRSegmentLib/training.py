@@ -372,6 +372,24 @@ def _save_best(net, out: Path, card: ModelCard, args, dice, entry, train_items, 
     os.replace(tmp, out / "card.json")
 
 
+def publish_builtin(run_dir: str | Path, name: str = "demo") -> tuple[Path, Path]:
+    """Make a training run's best checkpoint a built-in model: ``cards/<name>.json`` and
+    ``weights/<name>.pt`` in the package (the card records the SHA256 checked at load)."""
+    from .cards import BUILTIN_CARD_DIR
+    from .catalog import BUNDLED_WEIGHTS_DIR, file_digest
+
+    run = Path(run_dir)
+    data = json.loads((run / "card.json").read_text(encoding="utf-8"))
+    BUNDLED_WEIGHTS_DIR.mkdir(exist_ok=True)
+    weights = BUNDLED_WEIGHTS_DIR / f"{name}.pt"
+    weights.write_bytes((run / "best.pt").read_bytes())
+    data["name"] = name
+    data["checkpoint"] = {"bundled": weights.name, "sha256": file_digest(weights, "sha256")}
+    card = BUILTIN_CARD_DIR / f"{name}.json"
+    card.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return card, weights
+
+
 def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> int:
     args = build_parser(parser_class).parse_args(list(argv))
     args.argv = list(argv)
