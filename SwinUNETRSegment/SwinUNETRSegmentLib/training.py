@@ -16,6 +16,11 @@ window. Written to ``--out``: ``last.pt`` (resumable: model, optimizer, epoch, h
 ``best.pt`` (the weights with the best validation Dice), ``card.json`` (the card of the
 trained model, with the training command, seed, data checksums and per-label Dice), and
 ``log.jsonl`` (one line per epoch). Rerunning the same command resumes from ``last.pt``.
+
+Many GPUs or machines: ``torchrun --nproc_per_node=N --no-python swinunetr-segment train ...``
+runs DistributedDataParallel (nccl on CUDA, gloo on the CPU); each rank trains on its own
+shard of the scans, rank 0 alone validates and writes, and the files are the same as a
+single-process run's.
 """
 
 from __future__ import annotations
@@ -212,6 +217,83 @@ def dice_per_label(pred, truth, labels: Sequence[LabelInfo]) -> dict[str, float]
     return out
 
 
+class Distributed:
+    """PyTorch's own distributed training when launched by ``torchrun`` (WORLD_SIZE > 1).
+
+    nccl on CUDA (one GPU per process, LOCAL_RANK), gloo on the CPU. Rank 0 alone writes
+    checkpoints, logs and cards; every rank trains on its own shard of the data.
+    """
+
+    def __init__(self, device_name: str = "auto"):
+        import torch
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world > 1
+        from .engine import resolve_device
+
+        device = resolve_device(device_name)
+        if self.enabled and device.type == "cuda":
+            device = torch.device(f"cuda:{self.local_rank}")
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, net):
+        if not self.enabled:
+            return net
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(net, device_ids=ids)
+
+    def shard(self, n: int) -> list[int]:
+        """This rank's item indices, as torch's DistributedSampler deals them (no shuffle)."""
+        if not self.enabled:
+            return list(range(n))
+        from torch.utils.data.distributed import DistributedSampler
+
+        return list(DistributedSampler(range(n), num_replicas=self.world, rank=self.rank, shuffle=False))
+
+    def gather(self, obj):
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = parser_class(prog="swinunetr-segment train", description="Train or fine-tune a SwinUNETR under a model card.")
     p.add_argument("--data", required=True, help="MONAI Decathlon datalist JSON ('training', optional 'validation')")
@@ -242,7 +324,6 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     from monai.utils import set_determinism
 
     from .checkpoint import build_network, extract_state_dict, load_weights, read_state_dict
-    from .engine import resolve_device
 
     t_start = time.monotonic()
     card = load_card(args.card)
@@ -256,13 +337,17 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
         except (OSError, ValueError, AttributeError) as exc:
             raise UserError(f"--label-map {args.label_map} must be a JSON object of integer values ({exc})") from None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     crop = tuple(args.crop) if args.crop else card.roi_size
     if any(c < 64 or c % 32 for c in crop):
         raise UserError(f"--crop {' '.join(map(str, crop))}: each size must be a multiple of 32 and at least 64 "
                         "(SwinUNETR's deepest features need 2 voxels per axis to train)")
-    device = resolve_device(args.device)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    ddp = Distributed(args.device)
+    device = ddp.device
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (ddp.world if device.type == "cpu" else 1)))
+    if not ddp.main:
+        log = _quiet  # one log, from rank 0
 
     set_determinism(seed=args.seed)
     net = build_network(card)
@@ -270,6 +355,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
         load_weights(net, read_state_dict(args.init), card, Path(args.init).name)
     net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model = net  # what is saved: the network itself, never the DDP wrapper
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     state = {"epoch": 0, "best_dice": -1.0, "history": []}
 
@@ -283,19 +369,22 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
     fixed, rand = transforms(card, crop, args.num_samples, label_map)
     val_fixed, _ = transforms(card, crop, args.num_samples, label_map, train=False)
-    log(f"caching {len(train_items)} training and {len(val_items)} validation scans in model space")
-    train_ds = CacheDataset(train_items, fixed, cache_rate=1.0, num_workers=0, progress=False)
-    val_ds = CacheDataset(val_items, val_fixed, cache_rate=1.0, num_workers=0, progress=False)
-    steps = args.steps_per_epoch or len(train_items)
-    rng = np.random.default_rng(args.seed + state["epoch"])
+    shard = ddp.shard(len(train_items))  # this rank's scans: ranks see different data
+    log(f"caching {len(train_items)} training and {len(val_items)} validation scans in model space"
+        + (f" ({ddp.world} processes, {len(shard)} scans each)" if ddp.enabled else ""))
+    train_ds = CacheDataset([train_items[i] for i in shard], fixed, cache_rate=1.0, num_workers=0, progress=False)
+    val_ds = CacheDataset(val_items, val_fixed, cache_rate=1.0, num_workers=0, progress=False) if ddp.main else []
+    steps = args.steps_per_epoch or max(1, len(shard))
+    net = ddp.wrap(net)
 
     def evaluate() -> dict[str, float]:
         net.eval()
+        net_eval = model
         scores: dict[str, list[float]] = {}
         with torch.inference_mode():
             for item in val_ds:
                 x = item["image"].as_tensor()[None].to(device)
-                logits = sliding_window_inference(x, card.roi_size, 1, net, overlap=card.overlap)
+                logits = sliding_window_inference(x, card.roi_size, 1, net_eval, overlap=card.overlap)
                 pred = logits.argmax(1)[0].cpu().numpy()
                 for name, d in dice_per_label(pred, item["label"].as_tensor()[0].numpy(), card.labels).items():
                     scores.setdefault(name, []).append(d)
@@ -306,12 +395,14 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     stopped_early = False
     while state["epoch"] < args.epochs:
         epoch = state["epoch"] + 1
-        set_determinism(seed=args.seed + epoch)
+        set_determinism(seed=args.seed + epoch + 1000 * ddp.rank)
+        rng = np.random.default_rng((args.seed, epoch, ddp.rank))
         t0 = time.monotonic()
-        losses = []
+        losses, seen = [], []
         for _ in range(steps):
-            cached = train_ds[int(rng.integers(len(train_ds)))]
-            crops = rand(cached)
+            index = int(rng.integers(len(train_ds)))
+            seen.append(shard[index])
+            crops = rand(train_ds[index])
             x = torch.stack([c["image"].as_tensor() for c in crops]).to(device)
             y = torch.stack([c["label"].as_tensor() for c in crops]).to(device).long()
             opt.zero_grad(set_to_none=True)
@@ -319,25 +410,37 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.monotonic() - t0, 2)}
-        if epoch % args.val_every == 0 or epoch == args.epochs:
+        gathered = ddp.gather((float(np.mean(losses)), sorted(set(seen))))
+        entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean([g[0] for g in gathered])),
+                                 "seconds": round(time.monotonic() - t0, 2)}
+        if ddp.enabled:
+            entry["ranks"] = [{"rank": r, "loss": g[0], "scans": g[1]} for r, g in enumerate(gathered)]
+        if ddp.main and (epoch % args.val_every == 0 or epoch == args.epochs):
             dice = evaluate()
             mean = float(np.mean(list(dice.values()))) if dice else 0.0
             entry.update({"dice": dice, "mean_dice": mean})
             if mean > state["best_dice"]:
                 state["best_dice"] = mean
-                _save_best(net, out, card, args, dice, entry, train_items, val_items)
+                _save_best(model, out, card, args, dice, entry, train_items, val_items)
         state["epoch"] = epoch
         state["history"].append(entry)
-        _atomic_torch_save({"model": net.state_dict(), "optimizer": opt.state_dict(), **state}, last)
-        with open(out / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        if ddp.main:
+            _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), **state}, last)
+            with open(out / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
         log(f"epoch {epoch}/{args.epochs} loss {entry['loss']:.4f}" + (f" mean Dice {entry['mean_dice']:.3f}" if "mean_dice" in entry else ""))
-        if args.max_minutes and (time.monotonic() - t_start) / 60 > args.max_minutes:
+        stop = bool(args.max_minutes and (time.monotonic() - t_start) / 60 > args.max_minutes)
+        if ddp.broadcast(stop):  # every rank stops at the same epoch
             log(f"stopping after {args.max_minutes} minutes; rerun the same command to resume")
             stopped_early = True
             break
+        ddp.barrier()
+    ddp.close()
     return {"epochs": state["epoch"], "best_dice": state["best_dice"], "history": state["history"], "stopped_early": stopped_early}
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    return None
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -394,5 +497,6 @@ def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> i
     args = build_parser(parser_class).parse_args(list(argv))
     args.argv = list(argv)
     result = train(args, log=lambda s: print(s, flush=True))
-    print(json.dumps({"epochs": result["epochs"], "best_mean_dice": round(result["best_dice"], 4)}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"epochs": result["epochs"], "best_mean_dice": round(result["best_dice"], 4)}))
     return 0

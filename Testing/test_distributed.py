@@ -1,0 +1,51 @@
+"""torchrun with 2 CPU processes (gloo): both ranks train on different scans, rank 0 alone
+writes, and the result is an ordinary checkpoint and card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from SwinUNETRSegmentLib.cards import load_card
+from SwinUNETRSegmentLib.checkpoint import load_model
+
+
+@pytest.mark.network
+def test_torchrun_two_cpu_processes_train(tmp_path, reference_files):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cli = Path(sys.executable).with_name("swinunetr-segment")
+    assert torchrun.exists() and cli.exists()
+    (tmp_path / "map.json").write_text(json.dumps({"5": 6, "1": 1, "2": 2, "3": 3}))
+    datalist = {"training": [
+        {"image": str(reference_files / "example_ct.nii.gz"), "label": str(reference_files / "example_seg_fast_force_split.nii.gz")},
+        {"image": str(reference_files / "example_ct_sm.nii.gz"), "label": str(reference_files / "example_seg.nii.gz")},
+    ]}
+    (tmp_path / "data.json").write_text(json.dumps(datalist))
+    card = load_card("btcv").to_json()
+    card["network"]["args"]["feature_size"] = 12
+    card["preprocessing"]["spacing"] = [6.0, 6.0, 6.0]
+    card["inference"].update(roi_size=[64, 64, 64], overlap=0.0, sw_batch_size=1)
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    out = tmp_path / "run"
+    cmd = [str(torchrun), "--nproc_per_node=2", "--standalone", "--no-python", str(cli), "train",
+           "--data", str(tmp_path / "data.json"), "--card", str(tmp_path / "card.json"), "--out", str(out),
+           "--label-map", str(tmp_path / "map.json"), "--epochs", "1", "--steps-per-epoch", "1", "--crop", "64", "64", "64",
+           "--num-samples", "1", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count('"best_mean_dice"') == 1  # one summary, from rank 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1
+    ranks = log[0]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["scans"] == [0] and ranks[1]["scans"] == [1]  # different shards
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "card.json", "last.pt", "log.jsonl"]
+    trained = load_card(out / "card.json")
+    load_model(trained, out / "best.pt")  # an ordinary checkpoint: no DDP "module." prefix needed
+    assert not any(k.startswith("module.") for k in __import__("torch").load(out / "best.pt", weights_only=True))
+    shutil.rmtree(out)
