@@ -22,6 +22,8 @@ DICOM_MASTER = "Segmentation category and type - DICOM master list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 SUPPORTED_NETWORKS = ("SwinUNETR",)
+#: "unetr": SwinUNETR's convolutional decoder; "swin_unet": Swin-Unet's transformer decoder (Cao et al.).
+DECODERS = ("unetr", "swin_unet")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class ModelCard:
     blend_mode: str
     labels: tuple[LabelInfo, ...]
     modality: str = "CT"
+    decoder: str = "unetr"
     description: str = ""
     checkpoint: dict[str, Any] = field(default_factory=dict)
     license: str = ""
@@ -126,7 +129,8 @@ class ModelCard:
             "title": self.title,
             "description": self.description,
             "modality": self.modality,
-            "network": {"name": self.network, "args": dict(self.network_args)},
+            "network": {"name": self.network, "args": dict(self.network_args),
+                        **({"decoder": self.decoder} if self.decoder != "unetr" else {})},
             "preprocessing": {
                 "orientation": self.orientation,
                 "spacing": list(self.spacing),
@@ -207,6 +211,9 @@ def card_from_dict(data: Any, source: str = "<dict>") -> ModelCard:
     if net_name not in SUPPORTED_NETWORKS:
         raise UserError(f"{where}: network '{net_name}' is not supported; use one of {', '.join(SUPPORTED_NETWORKS)}")
     args = dict(_get(net, "args", f"{where} network", dict))
+    decoder = _get(net, "decoder", f"{where} network", str, "unetr")
+    if decoder not in DECODERS:
+        raise UserError(f"{where}: network decoder '{decoder}' is not known; use one of {', '.join(DECODERS)}")
     for key in ("in_channels", "out_channels"):
         if not isinstance(args.get(key), int) or args[key] < 1:
             raise UserError(f"{where}: network args need a positive integer '{key}'")
@@ -289,6 +296,7 @@ def card_from_dict(data: Any, source: str = "<dict>") -> ModelCard:
         blend_mode=blend,
         labels=tuple(sorted(labels, key=lambda lab: lab.value)),
         modality=_get(data, "modality", where, str, "CT"),
+        decoder=decoder,
         description=_get(data, "description", where, str, ""),
         checkpoint=dict(_get(data, "checkpoint", where, dict, {})),
         license=_get(data, "license", where, str, ""),

@@ -23,13 +23,18 @@ STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
 def build_network(card: ModelCard):
-    """A freshly initialised network as the card describes it (MONAI's SwinUNETR)."""
+    """A freshly initialised network as the card describes it: MONAI's SwinUNETR, or the
+    Swin-Unet decoder variant (``"decoder": "swin_unet"``) on the same Swin encoder."""
     from monai.networks.nets import SwinUNETR
 
     args = dict(card.network_args)
     args.pop("img_size", None)  # older MONAI bundles pass it; current SwinUNETR infers it
     args.setdefault("spatial_dims", 3)
     try:
+        if card.decoder == "swin_unet":
+            from .swin_unet import SwinUnet
+
+            return SwinUnet(**args)
         return SwinUNETR(**args)
     except (TypeError, ValueError, AssertionError) as exc:
         raise UserError(f"model card {card.source}: SwinUNETR does not accept its network args ({exc}); fix 'network.args'") from None

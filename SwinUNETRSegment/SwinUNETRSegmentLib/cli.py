@@ -4,7 +4,8 @@
     swinunetr-segment -i dicom_folder/ -o ct.seg.nrrd -o ct.nii.gz --model btcv
     swinunetr-segment -i ct.nrrd -o ct.seg.nrrd --card btcv --checkpoint finetuned.pt
     swinunetr-segment models list | info NAME | download NAME | install NAME FILE | remove NAME | add CARD
-    swinunetr-segment train --data datalist.json --card btcv --out run/
+    swinunetr-segment train --data datalist.json --card btcv --out run/ [--init-encoder encoder.pt]
+    swinunetr-segment pretrain --data scans/ --card btcv --out pretrain/
 
 Exit codes: 0 done; 2 bad input (one line on stderr says what to do); 130 interrupted;
 1 an internal error (a bug: run with --debug for the traceback and report it).
@@ -171,6 +172,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .training import main as train_main
 
             return train_main([a for a in argv[1:] if a != "--debug"], _Parser)
+        if argv and argv[0] == "pretrain":
+            from .pretrain import main as pretrain_main
+
+            return pretrain_main([a for a in argv[1:] if a != "--debug"], _Parser)
         if argv and argv[0] == "demo":
             return demo([a for a in argv[1:] if a != "--debug"])
         if argv and argv[0] == "models":

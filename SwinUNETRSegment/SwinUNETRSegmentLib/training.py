@@ -300,6 +300,7 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
     p.add_argument("--card", required=True, help="model card: built-in name or card JSON file")
     p.add_argument("--out", required=True, help="output folder (resumes from its last.pt)")
     p.add_argument("--init", help="weights to start from (fine-tuning); every key must fit the card")
+    p.add_argument("--init-encoder", help="encoder weights from `swinunetr-segment pretrain` (encoder.pt); the decoder starts fresh")
     p.add_argument("--name", help="name of the trained model's card (default: the card's name + '-trained')")
     p.add_argument("--label-map", help="JSON {source value: card value} for label maps with other values")
     p.add_argument("--epochs", type=int, default=100)
@@ -353,6 +354,11 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     net = build_network(card)
     if args.init:
         load_weights(net, read_state_dict(args.init), card, Path(args.init).name)
+    if getattr(args, "init_encoder", None):
+        from .pretrain import load_encoder_weights
+
+        n = load_encoder_weights(net, args.init_encoder)
+        log(f"loaded {n} encoder tensors from {args.init_encoder}; the decoder and head start fresh")
     net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model = net  # what is saved: the network itself, never the DDP wrapper
@@ -464,6 +470,7 @@ def _save_best(net, out: Path, card: ModelCard, args, dice, entry, train_items, 
         "seed": args.seed,
         "epoch": entry["epoch"],
         "init": args.init,
+        "init_encoder": getattr(args, "init_encoder", None),
         "data": [{"image": Path(i["image"]).name, "label": Path(i["label"]).name,
                   "image_sha256": _sha256(i["image"]), "label_sha256": _sha256(i["label"])} for i in train_items],
         "validation": [Path(i["image"]).name for i in val_items],
