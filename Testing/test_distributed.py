@@ -49,3 +49,33 @@ def test_torchrun_two_cpu_processes_train(tmp_path, reference_files):
     load_model(trained, out / "best.pt")  # an ordinary checkpoint: no DDP "module." prefix needed
     assert not any(k.startswith("module.") for k in __import__("torch").load(out / "best.pt", weights_only=True))
     shutil.rmtree(out)
+
+
+@pytest.mark.network
+def test_torchrun_two_cpu_processes_pretrain(tmp_path, reference_files):
+    import torch
+
+    from SwinUNETRSegmentLib.checkpoint import build_network
+    from SwinUNETRSegmentLib.pretrain import load_encoder_weights
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cli = Path(sys.executable).with_name("swinunetr-segment")
+    (tmp_path / "data.json").write_text(json.dumps({"training": [
+        {"image": str(reference_files / "example_ct.nii.gz")}, {"image": str(reference_files / "example_ct_dicom")}]}))
+    card = load_card("btcv").to_json()
+    card["network"]["args"]["feature_size"] = 12
+    card["preprocessing"]["spacing"] = [6.0, 6.0, 6.0]
+    (tmp_path / "card.json").write_text(json.dumps(card))
+    out = tmp_path / "pre"
+    cmd = [str(torchrun), "--nproc_per_node=2", "--standalone", "--no-python", str(cli), "pretrain",
+           "--data", str(tmp_path / "data.json"), "--card", str(tmp_path / "card.json"), "--out", str(out),
+           "--epochs", "1", "--steps-per-epoch", "1", "--crop", "64", "--batch-size", "2", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and len(log[0]["ranks"]) == 2
+    assert all(set(r) >= {"rotation", "contrastive", "reconstruction"} for r in log[0]["ranks"])
+    assert sorted(p.name for p in out.iterdir()) == ["encoder.pt", "last.pt", "log.jsonl", "pretrain.json"]
+    net = build_network(load_card(tmp_path / "card.json"))
+    assert load_encoder_weights(net, out / "encoder.pt") == len(net.swinViT.state_dict())
+    assert not any(k.startswith("module.") for k in torch.load(out / "encoder.pt", weights_only=True))

@@ -620,7 +620,7 @@ def pretrain(args: argparse.Namespace, log: Callable[[str], Any] = print) -> dic
     from monai.utils import set_determinism
 
     from .cards import load_card
-    from .engine import resolve_device
+    from .training import Distributed, _quiet
 
     t_start = time.monotonic()
     _check_args(args)
@@ -628,9 +628,13 @@ def pretrain(args: argparse.Namespace, log: Callable[[str], Any] = print) -> dic
     plane = axial_plane(card.orientation)
     images = list_images(args.data)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    ddp = Distributed(args.device)  # torchrun: DistributedDataParallel, one shard of scans per rank
+    device = ddp.device
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        log = _quiet  # one log, from rank 0
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (ddp.world if device.type == "cpu" else 1)))
     amp = device.type == "cuda" and not args.no_amp and torch.cuda.is_bf16_supported()
 
     set_determinism(seed=args.seed)
@@ -664,26 +668,31 @@ def pretrain(args: argparse.Namespace, log: Callable[[str], Any] = print) -> dic
                             "use another --out or the card it was made with") from None
         state.update({k: ckpt[k] for k in ("epoch", "step", "history")})
         log(f"resuming from {last} at epoch {state['epoch']}")
-    _atomic_write_text(out / "pretrain.json", json.dumps({
+    if ddp.main:
+        _atomic_write_text(out / "pretrain.json", json.dumps({
         **config,
         "command": "swinunetr-segment pretrain " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []) or []),
         "images": [Path(i).name for i in images],
+        "processes": ddp.world,
     }, indent=2) + "\n")
 
     fixed, rand = transforms(card, args.crop)
-    log(f"caching {len(images)} scans in model space")
-    dataset = CacheDataset([{"image": i} for i in images], fixed, cache_rate=1.0, num_workers=0, progress=False)
-    steps = args.steps_per_epoch or max(1, len(images) // args.batch_size)
+    shard = ddp.shard(len(images))
+    log(f"caching {len(images)} scans in model space" + (f" ({ddp.world} processes, {len(shard)} scans each)" if ddp.enabled else ""))
+    dataset = CacheDataset([{"image": images[i]} for i in shard], fixed, cache_rate=1.0, num_workers=0, progress=False)
+    steps = args.steps_per_epoch or max(1, len(images) // (args.batch_size * ddp.world))
+    net = ddp.wrap(model)
     total_steps = steps * args.epochs
 
     model.train()
     stopped_early = False
     while state["epoch"] < args.epochs:
         epoch = state["epoch"] + 1
-        set_determinism(seed=args.seed + epoch)
-        rng = np.random.default_rng(args.seed + epoch)
-        gen = torch.Generator().manual_seed(args.seed + epoch)
-        rand.set_random_state(seed=args.seed + epoch)  # crops depend on the epoch only: a resumed run repeats them
+        seed = args.seed + epoch + 1000 * ddp.rank
+        set_determinism(seed=seed)
+        rng = np.random.default_rng(seed)
+        gen = torch.Generator().manual_seed(seed)
+        rand.set_random_state(seed=seed)  # crops depend on the epoch only: a resumed run repeats them
         t0 = time.monotonic()
         sums = dict.fromkeys(("loss", *LOSS_NAMES), 0.0)
         for _ in range(steps):
@@ -692,27 +701,33 @@ def pretrain(args: argparse.Namespace, log: Callable[[str], Any] = print) -> dic
             lr = args.lr * _lr_factor(state["step"], total_steps, args.warmup_steps, args.schedule)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, parts = train_step(model, opt, loss_fn, views, amp=amp, max_grad_norm=args.max_grad_norm)
+            loss, parts = train_step(net, opt, loss_fn, views, amp=amp, max_grad_norm=args.max_grad_norm)
             if not math.isfinite(loss):
                 raise UserError(f"the loss became {loss} at epoch {epoch}; lower --lr or set --max-grad-norm 1")
             state["step"] += 1
             sums["loss"] += loss
             for n in LOSS_NAMES:
                 sums[n] += parts[n]
-        entry: dict[str, Any] = {"epoch": epoch, **{n: v / steps for n, v in sums.items()}, "lr": lr,
+        ranks = ddp.gather({n: v / steps for n, v in sums.items()})
+        entry: dict[str, Any] = {"epoch": epoch, **{n: float(np.mean([r[n] for r in ranks])) for n in sums}, "lr": lr,
                                  "seconds": round(time.monotonic() - t0, 2)}
+        if ddp.enabled:
+            entry["ranks"] = ranks
         state["epoch"] = epoch
         state["history"].append(entry)
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "config": config, **state}, last)
-        _atomic_torch_save(model.encoder_state_dict(), out / "encoder.pt")
-        with open(out / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        if ddp.main:
+            _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "config": config, **state}, last)
+            _atomic_torch_save(model.encoder_state_dict(), out / "encoder.pt")
+            with open(out / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
         log(f"epoch {epoch}/{args.epochs} loss {entry['loss']:.4f} (rotation {entry['rotation']:.4f}, "
             f"contrastive {entry['contrastive']:.4f}, reconstruction {entry['reconstruction']:.4f})")
-        if args.max_minutes and (time.monotonic() - t_start) / 60 > args.max_minutes:
+        if ddp.broadcast(bool(args.max_minutes and (time.monotonic() - t_start) / 60 > args.max_minutes)):
             log(f"stopping after {args.max_minutes} minutes; rerun the same command to resume")
             stopped_early = True
             break
+        ddp.barrier()
+    ddp.close()
     return {"epochs": state["epoch"], "history": state["history"], "stopped_early": stopped_early, "encoder": str(out / "encoder.pt")}
 
 
@@ -722,5 +737,7 @@ def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> i
     args.argv = list(argv)
     result = pretrain(args, log=lambda s: print(s, flush=True))
     final = result["history"][-1] if result["history"] else {}
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(json.dumps({"epochs": result["epochs"], "loss": round(final.get("loss", float("nan")), 4), "encoder": result["encoder"]}))
     return 0
