@@ -359,3 +359,24 @@ def test_real_ct_dicom_jpeg2000_end_to_end(tmp_path, reference_files, tiny_card_
     theirs = nib.load(str(reference_files / "example_seg_dicom.nii.gz"))
     grid_of_theirs = Volume(np.zeros(theirs.shape, np.uint8), theirs.affine)
     assert physical_match(ours.with_array(np.zeros(ours.shape, np.uint8)), grid_of_theirs)
+
+
+def test_folder_of_scans_to_a_folder(capsys, tmp_path, model_args):
+    """Batch mode: every scan of a folder (files and DICOM series folders), one model load,
+    a bad scan reported and skipped, exit code 2 at the end."""
+    scans, out = tmp_path / "scans", tmp_path / "results"
+    scans.mkdir()
+    out.mkdir()
+    a = grid_volume((6.0, 6.0, 6.0), np.eye(3), (0, 0, 0), shape=(12, 10, 8), seed=1)
+    b = grid_volume((5.0, 6.0, 7.0), np.diag([-1.0, 1.0, 1.0]), (9, 8, 7), shape=(10, 12, 9), seed=2)
+    write_nifti(a, scans / "a.nii.gz")
+    write_dicom_series(b, scans / "b_series")
+    _write_nifti_array(scans / "flat.nii.gz", np.zeros((8, 8), np.int16))
+    (scans / "notes.txt").write_text("not a scan")
+    rc, stdout, err = run_main(capsys, ["-i", scans, "-o", out, "-q", *model_args])
+    assert rc == 2
+    assert "flat.nii.gz" in err and "2D image" in err and "1 of 3 scans failed" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.seg.nrrd", "b_series.seg.nrrd"]
+    for name, src in (("a", scans / "a.nii.gz"), ("b_series", scans / "b_series")):
+        back, _ = imageio.read_volume(out / f"{name}.seg.nrrd")
+        assert back.same_grid(imageio.read_volume(src)[0])

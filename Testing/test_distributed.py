@@ -79,3 +79,24 @@ def test_torchrun_two_cpu_processes_pretrain(tmp_path, reference_files):
     net = build_network(load_card(tmp_path / "card.json"))
     assert load_encoder_weights(net, out / "encoder.pt") == len(net.swinViT.state_dict())
     assert not any(k.startswith("module.") for k in torch.load(out / "encoder.pt", weights_only=True))
+
+
+def test_torchrun_splits_a_folder_of_scans(tmp_path, tiny_card_file, tiny_checkpoint):
+    import numpy as np
+    from conftest import grid_volume
+    from helpers import write_nifti
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cli = Path(sys.executable).with_name("swinunetr-segment")
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    out.mkdir()
+    for n in range(3):
+        write_nifti(grid_volume((6.0, 6.0, 6.0), np.eye(3), (n, 0, 0), shape=(10, 9, 8), seed=n), scans / f"case{n}.nii.gz")
+    cmd = [str(torchrun), "--nproc_per_node=2", "--standalone", "--no-python", str(cli), "-i", str(scans), "-o", str(out),
+           "--card", str(tiny_card_file), "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["case0.seg.nrrd", "case1.seg.nrrd", "case2.seg.nrrd"]
+    # Each scan was segmented once, by one of the two processes.
+    assert sorted(proc.stdout.split()) == sorted(str(out / f"case{n}.seg.nrrd") for n in range(3))

@@ -14,6 +14,7 @@ Exit codes: 0 done; 2 bad input (one line on stderr says what to do); 130 interr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from pathlib import Path
@@ -41,9 +42,11 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
         ".nii/.nii.gz (label map, with a Slicer colour-table .csv beside it). Give -o more than once for several.",
     )
     p.add_argument("-i", "--input", required=True, metavar="IN",
-                   help="NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) file, or a folder with one DICOM series")
+                   help="NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) file, or a folder with one DICOM series; "
+                   "or a folder of scans when OUT is a folder")
     p.add_argument("-o", "--output", required=True, action="append", metavar="OUT",
-                   help="output file: .seg.nrrd, .nii or .nii.gz (repeatable)")
+                   help="output file: .seg.nrrd, .nii or .nii.gz (repeatable); or an existing folder for a folder of scans "
+                   "(split across processes under torchrun)")
     p.add_argument("--model", metavar="NAME", help="catalog model (card and installed weights)")
     p.add_argument("--card", metavar="NAME_OR_JSON", help="model card: a built-in name or a card JSON file")
     p.add_argument("--checkpoint", metavar="PATH", help="weights to run under --card (or instead of a model's installed weights)")
@@ -77,20 +80,11 @@ def _progress_printer(quiet: bool):
     return callback, bar.close
 
 
-def run(args: argparse.Namespace, cancel: Optional[threading.Event] = None) -> list[Path]:
-    """Do the work of one command line; returns the files written."""
-    from . import catalog, imageio
+def _model(args: argparse.Namespace):
+    """(card, weights) that the options name; checked before any scan is read."""
+    from . import catalog
     from .cards import load_card
-    from .engine import Segmenter
 
-    # 1. Everything that can be checked before reading the scan.
-    outputs = [imageio.check_output_path(o, args.overwrite, imageio.OUTPUT_SUFFIXES) for o in args.output]
-    for o in outputs:
-        if imageio.has_suffix(o, imageio.LABELMAP_SUFFIXES):
-            imageio.check_output_path(imageio.label_table_path(o), args.overwrite)
-    if len({str(o.resolve()) for o in outputs}) != len(outputs):
-        raise UserError("the same output is given twice; give each -o a different file")
-    preview = imageio.check_output_path(args.preview, args.overwrite, (".png",)) if args.preview else None
     if args.model and args.card:
         raise UserError("give --model NAME, or --card with --checkpoint, not both")
     if args.card and not args.checkpoint:
@@ -106,21 +100,71 @@ def run(args: argparse.Namespace, cancel: Optional[threading.Event] = None) -> l
         raise UserError(f"--overlap must be at least 0 and less than 1, got {args.overlap}")
     if args.sw_batch_size is not None and args.sw_batch_size < 1:
         raise UserError(f"--sw-batch-size must be at least 1, got {args.sw_batch_size}")
+    return card, weights
+
+
+def _segmenter(args: argparse.Namespace, card, weights):
+    from .engine import Segmenter
+
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():  # torchrun: one GPU per process
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    segmenter = Segmenter(card, weights, device=device, overlap=args.overlap, sw_batch_size=args.sw_batch_size)
+    segmenter.load()  # a checkpoint that does not fit the card fails here, before any inference
+    return segmenter
+
+
+def _is_batch(args: argparse.Namespace) -> bool:
+    """A folder of scans to a folder of results: one -o without a segmentation file suffix."""
+    from . import imageio
+
+    return len(args.output) == 1 and not imageio.has_suffix(args.output[0], imageio.OUTPUT_SUFFIXES + (".png",)) \
+        and Path(args.input).is_dir() and (Path(args.output[0]).is_dir() or args.output[0].endswith(("/", os.sep)))
+
+
+def run(args: argparse.Namespace, cancel: Optional[threading.Event] = None) -> list[Path]:
+    """Do the work of one command line; returns the files written."""
+    from . import imageio
+
+    if _is_batch(args):
+        return run_batch(args, cancel)
+    # 1. Everything that can be checked before reading the scan.
+    outputs = [imageio.check_output_path(o, args.overwrite, imageio.OUTPUT_SUFFIXES) for o in args.output]
+    for o in outputs:
+        if imageio.has_suffix(o, imageio.LABELMAP_SUFFIXES):
+            imageio.check_output_path(imageio.label_table_path(o), args.overwrite)
+    if len({str(o.resolve()) for o in outputs}) != len(outputs):
+        raise UserError("the same output is given twice; give each -o a different file")
+    preview = imageio.check_output_path(args.preview, args.overwrite, (".png",)) if args.preview else None
+    card, weights = _model(args)
 
     # 2. The scan, the model, the work.
     volume, info = imageio.read_volume(args.input, series_uid=args.series)
+    _warn_modality(args, info, card)
+    segmenter = _segmenter(args, card, weights)
+    written = _segment_one(args, segmenter, volume, info, outputs, preview, cancel)
+    return written
+
+
+def _warn_modality(args, info, card) -> None:
     if info.modality and card.modality and info.modality.upper() != card.modality.upper() and not args.quiet:
         print(f"{PROG}: warning: the scan is {info.modality} but model '{card.name}' was trained on {card.modality}; "
               "expect a poor segmentation", file=sys.stderr)
-    segmenter = Segmenter(card, weights, device=args.device, overlap=args.overlap, sw_batch_size=args.sw_batch_size)
-    segmenter.load()  # a checkpoint that does not fit the card fails here, before any inference
+
+
+def _segment_one(args, segmenter, volume, info, outputs, preview, cancel) -> list[Path]:
+    from . import imageio
+
+    card = segmenter.card
     callback, close = _progress_printer(args.quiet)
     try:
         result = segmenter.segment(volume, progress=callback, cancel=cancel)
     finally:
         close()
-
-    # 3. Outputs, each written atomically.
+    # Outputs, each written atomically.
     written: list[Path] = []
     for o in outputs:
         written += imageio.write_segmentation(o, result.labels, card.labels)
@@ -130,8 +174,68 @@ def run(args: argparse.Namespace, cancel: Optional[threading.Event] = None) -> l
         written.append(write_preview(preview, volume, result.labels, card.labels, info.modality or card.modality))
     found = [card.label(v).name for v in result.present_labels() if any(lab.value == v for lab in card.labels)]
     if not args.quiet:
-        print(f"{PROG}: {len(found)} of {len(card.labels)} structures found ({', '.join(found) or 'none'}) "
+        print(f"{PROG}: {Path(info.source).name}: {len(found)} of {len(card.labels)} structures found ({', '.join(found) or 'none'}) "
               f"in {result.timings.get('total', 0):.1f} s on {result.device}", file=sys.stderr)
+    return written
+
+
+def scan_entries(folder: Path) -> list[Path]:
+    """The scans in a folder: image files, and subfolders that hold DICOM files."""
+    from . import imageio
+
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file() and imageio.has_suffix(p, imageio.NIFTI_SUFFIXES + imageio.ITK_SUFFIXES) \
+                and not imageio.has_suffix(p, imageio.SEG_SUFFIXES):
+            out.append(p)
+        elif p.is_dir():
+            out.append(p)
+    return out
+
+
+def _case_name(p: Path) -> str:
+    name = p.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def run_batch(args: argparse.Namespace, cancel: Optional[threading.Event] = None) -> list[Path]:
+    """Every scan of folder IN to folder OUT (``<case>.seg.nrrd``, and ``<case>.png`` with
+    --preview), one model load for all. Under ``torchrun`` each process takes its share of
+    the scans (scan n goes to rank n mod WORLD_SIZE). A bad scan is reported and skipped;
+    the run then exits with code 2."""
+    from . import imageio
+
+    src, dst = Path(args.input), Path(args.output[0])
+    if not dst.is_dir():
+        raise UserError(f"output folder does not exist: {dst}; create it first")
+    imageio.check_output_path(dst / ".probe.seg.nrrd", overwrite=True)
+    cases = scan_entries(src)
+    if not cases:
+        raise UserError(f"folder {src} holds no scans (NIfTI, NRRD, MetaImage files or DICOM series folders)")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    mine = cases[rank::world]
+    card, weights = _model(args)
+    segmenter = _segmenter(args, card, weights)
+    written: list[Path] = []
+    failed: list[str] = []
+    for case in mine:
+        name = _case_name(case)
+        try:
+            out = imageio.check_output_path(dst / f"{name}.seg.nrrd", args.overwrite)
+            preview = imageio.check_output_path(dst / f"{name}.png", args.overwrite) if args.preview else None
+            volume, info = imageio.read_volume(case)
+            _warn_modality(args, info, card)
+            written += _segment_one(args, segmenter, volume, info, [out], preview, cancel)
+        except UserError as exc:
+            failed.append(case.name)
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(mine)} scans failed ({', '.join(failed[:5])}); the others were written")
     return written
 
 
