@@ -307,7 +307,7 @@ def test_synthetic_oblique_scan_all_outputs(capsys, tmp_path, model_args):
 def test_real_ct_nifti_end_to_end(tmp_path, reference_files, tiny_card_file, tiny_checkpoint):
     """The console script on the real example CT: output grid == input grid, Slicer names and colours."""
     import nibabel as nib
-    import slicerio
+    from SwinUNETRSegmentLib import segio as slicerio
 
     from SwinUNETRSegmentLib.cards import card_from_dict
 
@@ -333,7 +333,7 @@ def test_real_ct_nifti_end_to_end(tmp_path, reference_files, tiny_card_file, tin
 def test_real_ct_dicom_jpeg2000_end_to_end(tmp_path, reference_files, tiny_card_file, tiny_checkpoint):
     """The real JPEG 2000 DICOM series (blank UIDs): output on the series' own grid."""
     import SimpleITK as sitk
-    import slicerio
+    from SwinUNETRSegmentLib import segio as slicerio
 
     folder = reference_files / "example_ct_dicom"
     out = tmp_path / "dcm.seg.nrrd"

@@ -83,7 +83,7 @@ def test_same_physical_point_in_every_format(tmp_path):
 @pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
 def test_seg_nrrd_written_and_read_back_on_the_same_points(tmp_path, grid):
     import SimpleITK as sitk
-    import slicerio
+    from SwinUNETRSegmentLib import segio as slicerio
 
     card = load_card("btcv")
     rng = np.random.default_rng(1)
@@ -114,9 +114,9 @@ def test_seg_nrrd_written_and_read_back_on_the_same_points(tmp_path, grid):
 def test_seg_nrrd_header_matches_what_slicer_writes(tmp_path):
     """Same fields as slicerio's data/Segmentation.seg.nrrd (written by Slicer)."""
     import nrrd
-    import slicerio
+    from SwinUNETRSegmentLib import segio as slicerio
 
-    ref_path = __import__("pathlib").Path(slicerio.__file__).parent / "data" / "Segmentation.seg.nrrd"
+    ref_path = slicerio.SAMPLE_DATA_DIR / "Segmentation.seg.nrrd"
     ref = nrrd.read_header(str(ref_path))
     card = load_card("btcv")
     labels = Volume(np.zeros((8, 8, 8), np.uint8), np.eye(4))
@@ -179,12 +179,12 @@ def test_lps_conversion_happens_once():
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import slicerio
+    from SwinUNETRSegmentLib import segio as slicerio
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(slicerio, "write_segmentation", broken)
+    monkeypatch.setattr(slicerio, "write_segmentation", broken)  # the writer imageio calls
     labels = Volume(np.ones((4, 4, 4), np.uint8), np.eye(4))
     with pytest.raises(OSError):
         imageio.write_segmentation(tmp_path / "x.seg.nrrd", labels, load_card("btcv").labels)

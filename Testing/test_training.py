@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import slicerio
+from SwinUNETRSegmentLib import segio as slicerio
 
 from SwinUNETRSegmentLib import imageio, training
 from SwinUNETRSegmentLib.cards import load_card
@@ -72,9 +72,7 @@ def test_segment_matching_by_code_then_name():
 
 
 def test_unmatched_segmentation_is_a_clear_error(tmp_path):
-    from pathlib import Path
-
-    ref = Path(slicerio.__file__).parent / "data" / "Segmentation.seg.nrrd"  # chest: ribs, spine, lungs
+    ref = slicerio.SAMPLE_DATA_DIR / "Segmentation.seg.nrrd"  # chest: ribs, spine, lungs
     grid = Volume(np.zeros((4, 4, 4), np.int16), np.eye(4))
     with pytest.raises(UserError, match="no segment of Segmentation.seg.nrrd .*ribs.* matches a label of card 'btcv'"):
         training.read_label(ref, BTCV, grid)

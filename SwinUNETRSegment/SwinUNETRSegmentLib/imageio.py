@@ -350,7 +350,7 @@ def _extents(label_array: np.ndarray, values: Sequence[int]) -> dict[int, list[i
 
 def write_seg_nrrd(path: str | Path, labels: Volume, table: Sequence[LabelInfo]) -> None:
     """Write a Slicer segmentation file (``.seg.nrrd``) with one segment per entry of ``table``."""
-    import slicerio
+    from . import segio
 
     arr = np.asarray(labels.array)
     if arr.dtype != np.uint8 and int(arr.max(initial=0)) < 256:
@@ -364,7 +364,7 @@ def write_seg_nrrd(path: str | Path, labels: Volume, table: Sequence[LabelInfo])
         "referenceImageExtentOffset": [0, 0, 0],
     }
     with atomic_path(path) as tmp:
-        slicerio.write_segmentation(str(tmp), segmentation, compression_level=1)
+        segio.write_segmentation(str(tmp), segmentation, compression_level=1)
 
 
 def write_labelmap_nifti(path: str | Path, labels: Volume, table: Sequence[LabelInfo]) -> Path:

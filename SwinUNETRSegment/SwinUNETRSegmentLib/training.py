@@ -105,7 +105,7 @@ def read_label(path: str | Path, card: ModelCard, grid: Volume, label_map: Optio
 
     p = Path(path)
     if imageio.has_suffix(p, (".seg.nrrd",)):
-        import slicerio
+        from . import segio as slicerio
 
         try:
             seg = slicerio.read_segmentation(str(p))
