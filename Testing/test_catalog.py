@@ -158,3 +158,22 @@ def test_card_without_checksum_cannot_be_downloaded(tmp_path, home, server):
     add_test_card(tmp_path, f"{server}/good")
     with pytest.raises(UserError, match="gives no sha256 or md5"):
         catalog.download("served")
+
+
+def test_publisher_without_checksum_needs_one_the_user_trusts(tmp_path, home, server):
+    add_test_card(tmp_path, f"{server}/good")
+    good = hashlib.sha256(PAYLOAD).hexdigest()
+    with pytest.raises(UserError, match="pass --sha256"):
+        catalog.download("served")
+    with pytest.raises(UserError, match="refusing the download"):
+        catalog.download("served", sha256="0" * 64)
+    assert leftovers(home) == []
+    assert catalog.download("served", sha256=good).read_bytes() == PAYLOAD
+
+
+def test_research_contributions_cards_are_documented():
+    for name, fs in (("swin-unetr-btcv-base", 48), ("swin-unetr-btcv-small", 24), ("swin-unetr-btcv-tiny", 12)):
+        card = catalog.card_of(name)
+        assert card.network_args["feature_size"] == fs
+        assert card.checkpoint["url"].startswith("https://github.com/Project-MONAI/MONAI-extra-test-data/")
+        assert card.license and card.citation and len(card.labels) == 13

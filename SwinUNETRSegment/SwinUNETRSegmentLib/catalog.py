@@ -94,13 +94,23 @@ def resolve_model(name: str) -> tuple[ModelCard, Path]:
 # --------------------------------------------------------------------------------------
 # checksums
 # --------------------------------------------------------------------------------------
-def expected_checksum(card: ModelCard) -> tuple[str, str]:
-    """(algorithm, hex digest) the card's publisher gives for the checkpoint."""
+def expected_checksum(card: ModelCard, sha256: Optional[str] = None) -> tuple[str, str]:
+    """(algorithm, hex digest) the card's publisher gives for the checkpoint, or the SHA256
+    the user vouches for (``--sha256``) where the publisher gives none."""
+    given = card.checkpoint.get("sha256")
+    if sha256:
+        sha256 = sha256.strip().lower()
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise UserError(f"--sha256 {sha256} is not a SHA256 (64 hexadecimal digits)")
+        if given and given.lower() != sha256:
+            raise UserError(f"--sha256 differs from the SHA256 model card '{card.name}' gives ({given}); the card's is used")
+        return "sha256", sha256
     for algo in ("sha256", "md5"):
         value = card.checkpoint.get(algo)
         if value:
             return algo, str(value).lower()
-    raise UserError(f"model card '{card.name}' gives no sha256 or md5 of its checkpoint; a file cannot be verified against it")
+    raise UserError(f"model card '{card.name}' gives no sha256 or md5 of its checkpoint (its publisher gives none); "
+                    "pass --sha256 HASH of a copy you trust, a file cannot be used unverified")
 
 
 def file_digest(path: Path, algo: str, chunk: int = 1 << 20) -> str:
@@ -111,8 +121,8 @@ def file_digest(path: Path, algo: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def verify_checksum(path: Path, card: ModelCard) -> None:
-    algo, want = expected_checksum(card)
+def verify_checksum(path: Path, card: ModelCard, sha256: Optional[str] = None) -> None:
+    algo, want = expected_checksum(card, sha256)
     got = file_digest(path, algo)
     if got != want:
         raise UserError(
@@ -124,7 +134,7 @@ def verify_checksum(path: Path, card: ModelCard) -> None:
 # --------------------------------------------------------------------------------------
 # install, download, remove
 # --------------------------------------------------------------------------------------
-def install_file(name: str, source: str | Path) -> Path:
+def install_file(name: str, source: str | Path, sha256: Optional[str] = None) -> Path:
     """Verify a weights file the user copied by hand and install it for model ``name``."""
     card = card_of(name)
     src = Path(source)
@@ -138,7 +148,7 @@ def install_file(name: str, source: str | Path) -> Path:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
-        verify_checksum(Path(tmp), card)
+        verify_checksum(Path(tmp), card, sha256)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -147,7 +157,7 @@ def install_file(name: str, source: str | Path) -> Path:
 
 
 def download(name: str, progress: Optional[Callable[[int, Optional[int]], None]] = None, url: Optional[str] = None,
-             retries: int = 3, timeout: float = 30.0) -> Path:
+             retries: int = 3, timeout: float = 30.0, sha256: Optional[str] = None) -> Path:
     """Download model ``name``'s checkpoint into the cache and verify it; a cache hit returns at once.
 
     ``progress(bytes_done, bytes_total_or_None)`` is called as data arrives. A dropped
@@ -158,7 +168,7 @@ def download(name: str, progress: Optional[Callable[[int, Optional[int]], None]]
     url = url or card.checkpoint.get("url")
     if not url:
         raise UserError(f"model card '{name}' names no download URL; install the weights with `models install {name} FILE`")
-    algo, want = expected_checksum(card)
+    algo, want = expected_checksum(card, sha256)
     target = installed_path(card)
     if target.is_file():
         if file_digest(target, algo) == want:

@@ -18,9 +18,11 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
     s = sub.add_parser("download", help="download and verify a model's weights")
     s.add_argument("name")
     s.add_argument("--url", help="another address of the same file (a mirror); the checksum is still the card's")
+    s.add_argument("--sha256", help="the SHA256 you trust, for a card whose publisher gives no checksum")
     s = sub.add_parser("install", help="verify and install weights you copied by hand")
     s.add_argument("name")
     s.add_argument("file")
+    s.add_argument("--sha256", help="the SHA256 you trust, for a card whose publisher gives no checksum")
     s = sub.add_parser("remove", help="delete a model's downloaded weights")
     s.add_argument("name")
     s = sub.add_parser("add", help="add a model card (JSON) to your catalog")
@@ -67,10 +69,10 @@ def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> i
         if card.training.get("dice"):
             print("Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in card.training["dice"].items()))
     elif args.action == "download":
-        path = catalog.download(args.name, progress=_bar(), url=args.url)
+        path = catalog.download(args.name, progress=_bar(), url=args.url, sha256=args.sha256)
         print(path)
     elif args.action == "install":
-        print(catalog.install_file(args.name, args.file))
+        print(catalog.install_file(args.name, args.file, sha256=args.sha256))
     elif args.action == "remove":
         path = catalog.remove(args.name)
         print(f"removed {path}" if path else f"model '{args.name}' has no downloaded weights here")
