@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""Reference (MONAI model-zoo pipeline) against this engine, side by side, same weights.
+
+Each pipeline runs in its own child process (so each one's peak resident memory is its
+own: ``os.wait4`` returns the child's ``ru_maxrss``), the runs interleaved
+(reference, engine, reference, engine, ...) so that both see the same machine load. For
+every input it prints, per pipeline, the median over ``--repeats`` of:
+
+* end to end: file in, uint8 labels on the input grid out (model load included, Python
+  and library imports not: both pay the same);
+* each stage;
+* peak resident memory of the process (and peak GPU memory on CUDA);
+* windows run through the network / windows in all;
+* agreement with the reference's labels: Dice per organ and the mean over organs.
+
+Examples (``./dev python benchmarks/bench_cpu.py ...``):
+
+    --quick                                   smoke run: feature_size 12, small CT blocks
+    --inputs native,padded,clinical --repeats 3          the full timing run (feature_size 48)
+    --inputs native --card CARD.json --checkpoint W.pt   agreement with trained weights
+    --pipelines reference,engine,exact,plain,no-crop,no-air,fp32,labels   each piece on/off
+
+Timing does not depend on the weights' values, so the timing run uses seeded random
+weights (written once into the cache); agreement needs trained weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "SwinUNETRSegment"))
+sys.path.insert(0, str(HERE))
+
+#: Engine variants: FastPath switches over the defaults ("plain" is FastPath.plain()).
+VARIANTS = {
+    "engine": {},
+    "plain": None,
+    # the reference's answer exactly (float32, windows where the reference puts them);
+    # still skips air windows and resamples slab by slab, which change nothing
+    "exact": {"precision": "float32", "crop_to_body": False},
+    "no-crop": {"crop_to_body": False},
+    "no-air": {"skip_air": False, "crop_to_body": False},
+    "fp32": {"precision": "float32"},
+    "labels": {"resample": "labels"},
+    "compiled": {"compile": True},
+}
+
+
+# ----------------------------------------------------------------------------------------
+# child process: one pipeline, one input
+# ----------------------------------------------------------------------------------------
+def worker(args) -> None:
+    import numpy as np
+    import torch
+
+    from SwinUNETRSegmentLib.cards import load_card
+
+    card = load_card(args.card)
+    result: dict = {"pipeline": args.worker}
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if args.worker == "reference":
+        from reference import run_reference
+
+        from reference import image_reader
+
+        labels, affine, timings = run_reference(args.input, card, args.checkpoint, device=args.device)
+        result["reader"] = image_reader()
+    else:
+        from SwinUNETRSegmentLib.engine import Segmenter
+        from SwinUNETRSegmentLib.fastpath import FastPath
+        from SwinUNETRSegmentLib.imageio import read_volume
+
+        fast = engine_fastpath(args.worker, json.loads(args.set or "{}"))
+        t0 = time.perf_counter()
+        vol, _ = read_volume(args.input)
+        read = time.perf_counter() - t0
+        seg = Segmenter(card, args.checkpoint, device=args.device, fast=fast)
+        res = seg.segment(vol)
+        timings = {"read": read, **{k: v for k, v in res.timings.items() if k != "total"}}
+        timings["total"] = time.perf_counter() - t0
+        labels, affine = res.labels.array, res.labels.ijk_to_ras
+        result["stats"] = res.stats
+        if args.warm:  # the same volume again in the same process: the warm engine
+            t = time.perf_counter()
+            res2 = seg.segment(vol)
+            result["warm"] = {"total": time.perf_counter() - t, **res2.timings, "same_labels": bool(np.array_equal(res2.labels.array, labels))}
+    if args.device.startswith("cuda"):
+        result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    result["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["timings"] = timings
+    np.save(args.labels_out, labels)
+    np.save(args.labels_out + ".affine.npy", affine)
+    Path(args.result_json).write_text(json.dumps(result))
+
+
+def engine_fastpath(variant: str, overrides: dict):
+    from SwinUNETRSegmentLib.fastpath import FastPath
+
+    base = VARIANTS[variant]
+    fast = FastPath.plain() if base is None else FastPath().but(**base)
+    return fast.but(**overrides) if overrides else fast
+
+
+# ----------------------------------------------------------------------------------------
+# parent: inputs, interleaved runs, the table
+# ----------------------------------------------------------------------------------------
+def run_child(pipeline: str, input_path: Path, card: Path, checkpoint: Path, args, tmp: Path, tag: str) -> dict:
+    """One pipeline on one input in a child process; its peak RSS from os.wait4 (Linux, macOS)
+    or, where that is missing, from the child's own report."""
+    labels_out = str(tmp / f"{tag}.npy")
+    result_json = tmp / f"{tag}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", pipeline, "--input", str(input_path),
+           "--card", str(card), "--checkpoint", str(checkpoint), "--device", args.device,
+           "--labels-out", labels_out, "--result-json", str(result_json)]
+    if pipeline != "reference" and args.set:
+        cmd += ["--set", args.set]
+    if pipeline != "reference" and args.warm:
+        cmd += ["--warm"]
+    log_path = tmp / f"{tag}.log"
+    t = time.perf_counter()
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+        maxrss_mb = None
+        if hasattr(os, "wait4"):
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            maxrss_mb = usage.ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+        else:
+            proc.wait()
+    wall = time.perf_counter() - t
+    if proc.returncode != 0 or not result_json.exists():
+        sys.stderr.write(log_path.read_text()[-4000:])
+        raise SystemExit(f"{pipeline} failed on {input_path.name} (exit {proc.returncode})")
+    result = json.loads(result_json.read_text())
+    result["process_wall"] = wall
+    result["peak_rss_mb"] = maxrss_mb if maxrss_mb is not None else result["self_maxrss_mb"]
+    result["labels"] = labels_out
+    return result
+
+
+def dice_table(a, b, values) -> dict[int, float | None]:
+    import numpy as np
+
+    out = {}
+    for v in values:
+        x, y = a == v, b == v
+        s = int(x.sum()) + int(y.sum())
+        out[v] = None if s == 0 else 2.0 * int(np.logical_and(x, y).sum()) / s
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: feature_size 12, the small CT blocks, 1 repeat")
+    p.add_argument("--inputs", default=None, help="comma list of: native, padded, clinical, quick, quick-padded, or file paths")
+    p.add_argument("--pipelines", default="reference,engine", help=f"comma list of: reference, {', '.join(VARIANTS)}")
+    p.add_argument("--repeats", type=int, default=None, help="runs per pipeline and input (median reported); 3 by default, 1 with --quick")
+    p.add_argument("--feature-size", type=int, default=None, help="random weights of this feature_size (48 by default, 12 with --quick)")
+    p.add_argument("--card", default=None, help="card JSON of trained weights (with --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="trained weights for the card")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--set", default=None, help='FastPath overrides for the engine variants, JSON, e.g. \'{"precision": "float32"}\'')
+    p.add_argument("--warm", action="store_true", help="engine: segment the same volume twice in one process, report the second")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--keep", default=None, help="keep the label maps in this folder")
+    # child mode
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--input", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--labels-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+
+    import numpy as np
+
+    from inputs import INPUT_NAMES, make_input, random_checkpoint
+
+    repeats = args.repeats or (1 if args.quick else 3)
+    if args.card or args.checkpoint:
+        if not (args.card and args.checkpoint):
+            p.error("--card and --checkpoint go together")
+        card, ckpt = Path(args.card), Path(args.checkpoint)
+        weights = f"{ckpt.name} ({card.name})"
+    else:
+        fs = args.feature_size or (12 if args.quick else 48)
+        card, ckpt = random_checkpoint(fs)
+        weights = f"seeded random, feature_size {fs}"
+    names = (args.inputs or ("quick,quick-padded" if args.quick else "native,padded,clinical")).split(",")
+    inputs = [make_input(n) if n in INPUT_NAMES else Path(n) for n in names]
+    pipelines = args.pipelines.split(",")
+    for name in pipelines:
+        if name != "reference" and name not in VARIANTS:
+            p.error(f"unknown pipeline '{name}'")
+
+    import torch
+
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  device {args.device}  "
+          f"threads {torch.get_num_threads()}  cores {os.cpu_count()}  weights: {weights}  repeats {repeats}", flush=True)
+    all_results = []
+    with tempfile.TemporaryDirectory(prefix="swinunetr-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        for inp, name in zip(inputs, names):
+            runs: dict[str, list[dict]] = {pl: [] for pl in pipelines}
+            for r in range(repeats):
+                for pl in pipelines:
+                    tag = f"{Path(name).name}-{pl}-{r}"
+                    res = run_child(pl, inp, card, ckpt, args, tmp, tag)
+                    runs[pl].append(res)
+                    print(f"  {name:>12} {pl:>10} run {r + 1}: {res['timings']['total']:.1f} s, "
+                          f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+            report = summarize(name, inp, runs, card, args)
+            all_results.append(report)
+            if args.keep:
+                keep = Path(args.keep)
+                keep.mkdir(parents=True, exist_ok=True)
+                for pl, rs in runs.items():
+                    np.save(keep / f"{Path(name).name}-{pl}.npy", np.load(rs[-1]["labels"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"weights": weights, "device": args.device, "repeats": repeats,
+                                               "results": all_results}, indent=1, default=str))
+    return 0
+
+
+def summarize(name: str, path: Path, runs: dict, card_path: Path, args) -> dict:
+    import numpy as np
+
+    from SwinUNETRSegmentLib.cards import load_card
+
+    card = load_card(card_path)
+    organs = [lab.value for lab in card.labels]
+    label_names = {lab.value: lab.name for lab in card.labels}
+    ref_name = "reference" if "reference" in runs else next(iter(runs))
+    ref = np.load(runs[ref_name][-1]["labels"])
+    ref_aff = np.load(runs[ref_name][-1]["labels"] + ".affine.npy")
+    shape = ref.shape
+    print(f"\n## {name}: {path.name}, {shape[0]} x {shape[1]} x {shape[2]}")
+    header = f"{'pipeline':>10} {'end-to-end s':>13} {'x ref':>6} {'peak RSS MB':>12} {'/ref':>5} {'windows':>9} {'mean Dice':>9}  stages (median s)"
+    print(header)
+    ref_total = statistics.median(r["timings"]["total"] for r in runs[ref_name])
+    ref_rss = statistics.median(r["peak_rss_mb"] for r in runs[ref_name])
+    out = {"input": name, "shape": list(shape), "pipelines": {}}
+    for pl, rs in runs.items():
+        total = statistics.median(r["timings"]["total"] for r in rs)
+        rss = statistics.median(r["peak_rss_mb"] for r in rs)
+        stages = {k: statistics.median(r["timings"][k] for r in rs) for k in rs[0]["timings"] if k != "total"}
+        labels = np.load(rs[-1]["labels"])
+        aff = np.load(rs[-1]["labels"] + ".affine.npy")
+        if labels.shape != ref.shape or not np.allclose(aff, ref_aff, atol=1e-4):
+            raise SystemExit(f"{pl}: labels on another grid than {ref_name}'s ({labels.shape} vs {ref.shape})")
+        dice = dice_table(labels, ref, organs)
+        present = [d for d in dice.values() if d is not None]
+        mean = float(np.mean(present)) if present else float("nan")
+        st = rs[-1].get("stats", {})
+        win = f"{st.get('windows_run', '')}/{st.get('windows_full_image', '')}" if st else "all"
+        stage_txt = " ".join(f"{k} {v:.1f}" for k, v in stages.items())
+        print(f"{pl:>10} {total:13.1f} {ref_total / total:6.2f} {rss:12.0f} {rss / ref_rss:5.2f} {win:>9} {mean:9.4f}  {stage_txt}")
+        entry = {"total_median_s": total, "totals_s": [r["timings"]["total"] for r in rs], "speedup": ref_total / total,
+                 "peak_rss_mb": rss, "rss_ratio": rss / ref_rss, "stages_median_s": stages, "mean_dice_vs_ref": mean,
+                 "dice_vs_ref": {label_names[v]: d for v, d in dice.items()}, "stats": st}
+        if "gpu_peak_mb" in rs[-1]:
+            entry["gpu_peak_mb"] = max(r["gpu_peak_mb"] for r in rs)
+        if "warm" in rs[-1]:
+            entry["warm"] = rs[-1]["warm"]
+            print(f"{'':>10} warm second run: {rs[-1]['warm']['total']:.1f} s (preprocess {rs[-1]['warm']['preprocess']:.2f} s)")
+        out["pipelines"][pl] = entry
+    for pl, entry in out["pipelines"].items():
+        if pl == ref_name:
+            continue
+        low = sorted((d, n) for n, d in entry["dice_vs_ref"].items() if d is not None and d < 0.98)
+        if low:
+            print(f"{pl:>10} organs below 0.98 Dice vs {ref_name}: " + ", ".join(f"{n} {d:.3f}" for d, n in low))
+        absent = [n for n, d in entry["dice_vs_ref"].items() if d is None]
+        if absent:
+            print(f"{'':>10} absent in both: {', '.join(absent)}")
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
