@@ -242,7 +242,7 @@ def test_nearest_labels_way_back_with_the_crop_equals_the_plain_path(grid):
     vol, liver, _ = body_volume(grid)
     card = oracle_card((2.3, 1.9, 2.6))
     plain = Segmenter(card, network=ThresholdNet(), device="cpu", fast=FastPath.plain()).segment(vol).labels.array
-    res = Segmenter(card, network=ThresholdNet(), device="cpu", fast=FastPath(resample="labels")).segment(vol)
+    res = Segmenter(card, network=ThresholdNet(), device="cpu", fast=FastPath(resample="labels", crop_to_body=True)).segment(vol)
     assert res.stats["crop"] is not None
     np.testing.assert_array_equal(res.labels.array, plain)
     m = plain == LIVER
@@ -296,7 +296,9 @@ def test_threads_from_physical_cores(monkeypatch):
 def test_cpu_windows_per_call():
     from SwinUNETRSegmentLib.checkpoint import build_network
 
-    assert fp.cpu_windows_per_call(build_network(tiny_card()), None) == 2
+    swin = build_network(tiny_card())
+    assert fp.cpu_windows_per_call(swin, None, 4) == 2
+    assert fp.cpu_windows_per_call(swin, None, 1) == 1  # never more than the card asks
     assert fp.cpu_windows_per_call(ThresholdNet(), None) == 1
     assert fp.cpu_windows_per_call(ThresholdNet(), 3) == 3
     with pytest.raises(UserError, match="cpu_batch"):
@@ -462,7 +464,7 @@ def test_labels_exact_on_every_grid_with_the_fast_path(grid):
     interpolated, and every voxel still comes back exactly."""
     vol, liver, spleen = body_volume(grid)
     net = ThresholdNet()
-    res = Segmenter(oracle_card(ras_spacing(vol)), network=net, device="cpu", fast=FastPath()).segment(vol)
+    res = Segmenter(oracle_card(ras_spacing(vol)), network=net, device="cpu", fast=FastPath(crop_to_body=True)).segment(vol)
     assert res.stats["crop"] is not None
     assert res.labels.shape == vol.shape and np.array_equal(res.labels.ijk_to_ras, vol.ijk_to_ras)
     expected = np.zeros(vol.shape, np.uint8)
@@ -493,7 +495,7 @@ def test_cancel_stops_within_one_window_with_air_skipping():
 def test_count_windows_over_the_crop():
     vol, _, _ = body_volume(GRIDS[1])
     net = ThresholdNet()
-    seg = Segmenter(oracle_card((1.0, 1.0, 1.0)), network=net, device="cpu", fast=FastPath(skip_air=False))
+    seg = Segmenter(oracle_card((1.0, 1.0, 1.0)), network=net, device="cpu", fast=FastPath(skip_air=False, crop_to_body=True))
     res = seg.segment(vol)
     box = res.stats["crop"]
     assert net.windows == res.stats["windows_total"] == count_windows([b - a for a, b in box], (16, 16, 16), 0.25)

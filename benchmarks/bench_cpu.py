@@ -18,7 +18,7 @@ Examples (``./dev python benchmarks/bench_cpu.py ...``):
     --quick                                   smoke run: feature_size 12, small CT blocks
     --inputs native,padded,clinical --repeats 3          the full timing run (feature_size 48)
     --inputs native --card CARD.json --checkpoint W.pt   agreement with trained weights
-    --pipelines reference,engine,exact,plain,no-crop,no-air,fp32,labels   each piece on/off
+    --pipelines reference,engine,exact,plain,crop,no-air,fp32,labels   each piece on/off
 
 Timing does not depend on the weights' values, so the timing run uses seeded random
 weights (written once into the cache); agreement needs trained weights.
@@ -46,9 +46,10 @@ VARIANTS = {
     "plain": None,
     # the reference's answer exactly (float32, windows where the reference puts them);
     # still skips air windows and resamples slab by slab, which change nothing
-    "exact": {"precision": "float32", "crop_to_body": False},
+    "exact": {"precision": "float32"},
+    "crop": {"crop_to_body": True},
     "no-crop": {"crop_to_body": False},
-    "no-air": {"skip_air": False, "crop_to_body": False},
+    "no-air": {"skip_air": False},
     "fp32": {"precision": "float32"},
     "labels": {"resample": "labels"},
     "compiled": {"compile": True},

@@ -345,7 +345,7 @@ class Segmenter:
             # (fp.cpu_windows_per_call); a batch's windows then share one network call, and
             # cancel is checked inside the network (fp.cancel_checks) so it still acts
             # within one window. GPUs get the card's batch.
-            cpu_batch = fp.cpu_windows_per_call(self._network, fast.cpu_batch)
+            cpu_batch = fp.cpu_windows_per_call(self._network, fast.cpu_batch, self.sw_batch_size)
             stats["windows_per_call"] = cpu_batch if self.device.type == "cpu" else self.sw_batch_size
 
             def predictor(batch, coords):
