@@ -78,7 +78,6 @@ def worker(args) -> None:
         result["reader"] = image_reader()
     else:
         from SwinUNETRSegmentLib.engine import Segmenter
-        from SwinUNETRSegmentLib.fastpath import FastPath
         from SwinUNETRSegmentLib.imageio import read_volume
 
         fast = engine_fastpath(args.worker, json.loads(args.set or "{}"))
