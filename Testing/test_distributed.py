@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_card
 
 from SwinUNETRSegmentLib.cards import load_card
 from SwinUNETRSegmentLib.checkpoint import load_model
@@ -26,11 +27,7 @@ def test_torchrun_two_cpu_processes_train(tmp_path, reference_files):
         {"image": str(reference_files / "example_ct_sm.nii.gz"), "label": str(reference_files / "example_seg.nii.gz")},
     ]}
     (tmp_path / "data.json").write_text(json.dumps(datalist))
-    card = load_card("btcv").to_json()
-    card["network"]["args"]["feature_size"] = 12
-    card["preprocessing"]["spacing"] = [6.0, 6.0, 6.0]
-    card["inference"].update(roi_size=[64, 64, 64], overlap=0.0, sw_batch_size=1)
-    (tmp_path / "card.json").write_text(json.dumps(card))
+    (tmp_path / "card.json").write_text(json.dumps(tiny_card(overlap=0.0).to_json()))
     out = tmp_path / "run"
     cmd = [str(torchrun), "--nproc_per_node=2", "--standalone", "--no-python", str(cli), "train",
            "--data", str(tmp_path / "data.json"), "--card", str(tmp_path / "card.json"), "--out", str(out),
@@ -62,10 +59,7 @@ def test_torchrun_two_cpu_processes_pretrain(tmp_path, reference_files):
     cli = Path(sys.executable).with_name("swinunetr-segment")
     (tmp_path / "data.json").write_text(json.dumps({"training": [
         {"image": str(reference_files / "example_ct.nii.gz")}, {"image": str(reference_files / "example_ct_dicom")}]}))
-    card = load_card("btcv").to_json()
-    card["network"]["args"]["feature_size"] = 12
-    card["preprocessing"]["spacing"] = [6.0, 6.0, 6.0]
-    (tmp_path / "card.json").write_text(json.dumps(card))
+    (tmp_path / "card.json").write_text(json.dumps(tiny_card().to_json()))
     out = tmp_path / "pre"
     cmd = [str(torchrun), "--nproc_per_node=2", "--standalone", "--no-python", str(cli), "pretrain",
            "--data", str(tmp_path / "data.json"), "--card", str(tmp_path / "card.json"), "--out", str(out),

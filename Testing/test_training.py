@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_card
 from SwinUNETRSegmentLib import segio as slicerio
 
 from SwinUNETRSegmentLib import imageio, training
@@ -89,11 +90,7 @@ def test_two_epochs_lower_the_loss_and_the_engine_loads_the_result(tmp_path, ref
     datalist = {"training": [{"image": str(ct), "label": "corrected.seg.nrrd"}],
                 "validation": [{"image": str(ct), "label": "corrected.seg.nrrd"}]}
     (tmp_path / "data.json").write_text(json.dumps(datalist))
-    card = load_card("btcv").to_json()
-    card["network"]["args"]["feature_size"] = 12
-    card["preprocessing"]["spacing"] = [6.0, 6.0, 6.0]
-    card["inference"].update(roi_size=[64, 64, 64], overlap=0.0, sw_batch_size=1)
-    (tmp_path / "card.json").write_text(json.dumps(card))
+    (tmp_path / "card.json").write_text(json.dumps(tiny_card(overlap=0.0).to_json()))
     out = tmp_path / "run"
     argv = ["train", "--data", tmp_path / "data.json", "--card", tmp_path / "card.json", "--out", out,
             "--epochs", "2", "--steps-per-epoch", "3", "--crop", "64", "64", "64", "--num-samples", "1", "--lr", "2e-3",
