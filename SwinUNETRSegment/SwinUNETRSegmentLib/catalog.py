@@ -81,7 +81,7 @@ def resolve_model(name: str) -> tuple[ModelCard, Path]:
     weights = installed_path(card)
     if not weights.is_file():
         url = card.checkpoint.get("url", "")
-        hint = f"run `swinunetr-segment models download {name}`" if url else f"get the weights from the model's publisher"
+        hint = f"run `swinunetr-segment models download {name}`" if url else "get the weights from the model's publisher"
         raise UserError(
             f"the weights of model '{name}' are not on this machine; {hint}, or `swinunetr-segment models install {name} FILE` "
             f"for a file you copied by hand, or run with --card {name} --checkpoint FILE"
