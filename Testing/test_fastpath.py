@@ -221,6 +221,50 @@ def test_probability_resampling_equals_monai_invertd(grid):
     np.testing.assert_array_equal(ours, reference)
 
 
+@pytest.mark.parametrize("grid", GRIDS, ids=ids)
+def test_boundary_resampling_equals_monai_invertd(grid):
+    """resample="boundaries" (labels travel, probabilities only where the eight neighbours
+    disagree) gives the labels of the reference's Invertd(bilinear) + argmax on every grid,
+    from logits rather than probabilities."""
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, Invertd, Orientationd, Spacingd
+
+    spacing, direction, origin = grid[1:]
+    shape = (37, 29, 23)
+    vol = Volume(np.zeros(shape, np.float32), make_affine(spacing, direction, origin))
+    pre = Compose([Orientationd(keys="image", axcodes="RAS"), Spacingd(keys="image", pixdim=(1.7, 2.1, 1.3), mode="bilinear")])
+    data = pre({"image": MetaTensor(torch.zeros((1,) + shape), affine=torch.as_tensor(vol.ijk_to_ras))})
+    img = data["image"]
+    probs = _smooth_probs(img.shape[1:])
+    logits = torch.log(probs) + 3.0  # any per-voxel shift: softmax undoes it
+    pred = MetaTensor(probs.clone(), affine=img.affine)
+    pred.applied_operations = img.applied_operations
+    data["pred"] = pred
+    inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
+    reference = inverted.argmax(0).numpy().astype(np.uint8)
+    ours = fp.resample_argmax(logits, img.affine.numpy(), shape, vol.ijk_to_ras, slab_voxels=700)
+    assert len(np.unique(reference)) > 3  # boundaries to get right, not one label everywhere
+    mismatch = int((ours != reference).sum())
+    assert mismatch <= max(1, reference.size // 20000), f"{mismatch} voxels differ"  # float rounding at exact ties only
+
+
+@pytest.mark.parametrize("outside", ["border", "background"])
+def test_boundary_resampling_equals_probability_resampling(outside):
+    """Against the slab-by-slab probability resampling on a rotated, finer grid that reaches
+    beyond model space (both ways of treating the outside) and with noisy logits, where
+    nearly every cell holds a boundary."""
+    g = torch.Generator().manual_seed(3)
+    for logits in (torch.log(_smooth_probs((19, 17, 13), classes=5)), torch.randn((4, 9, 8, 7), generator=g)):
+        src = make_affine((2.5, 2.0, 3.0), np.eye(3), (4.0, -3.0, 2.0))
+        c, s_ = np.cos(0.4), np.sin(0.4)
+        dst = make_affine((0.9, 1.1, 1.3), np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1.0]]), (-6.0, -8.0, -5.0))
+        shape = (70, 60, 50)
+        expected = fp.resample_probabilities(torch.softmax(logits, 0), src, shape, dst, outside=outside)
+        ours = fp.resample_argmax(logits, src, shape, dst, outside=outside, slab_voxels=5000)
+        assert (ours != expected).sum() <= 2
+        assert len(np.unique(expected)) == logits.shape[0]
+
+
 def test_probability_resampling_outside_a_crop_is_background():
     probs = torch.zeros((3, 10, 10, 10))
     probs[2] = 1.0

@@ -415,11 +415,16 @@ class Segmenter:
             labels_model = logits.argmax(dim=1).to(torch.uint8).cpu()
             return resample_labels(labels_model[0].numpy(), volume, src_affine=prepared.affine,
                                    outside="border" if outside == "border" else "zeros")
-        fp.softmax_inplace(logits)
+        if self.fast.resample == "boundaries":
+            def run(scores):
+                return fp.resample_argmax(scores, prepared.affine, volume.shape, volume.ijk_to_ras, outside=outside,
+                                          slab_voxels=self.fast.slab_voxels, cancel=check_cancel)
+        else:
+            fp.softmax_inplace(logits)
 
-        def run(probs):
-            return fp.resample_probabilities(probs, prepared.affine, volume.shape, volume.ijk_to_ras, outside=outside,
-                                             slab_voxels=self.fast.slab_voxels, cancel=check_cancel)
+            def run(scores):
+                return fp.resample_probabilities(scores, prepared.affine, volume.shape, volume.ijk_to_ras,
+                                                 outside=outside, slab_voxels=self.fast.slab_voxels, cancel=check_cancel)
 
         if logits.device.type != "cuda":
             return run(logits[0])

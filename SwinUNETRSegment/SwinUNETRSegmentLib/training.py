@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shlex
 import time
@@ -172,8 +173,13 @@ class LoadPaird:
         }
 
 
-def transforms(card: ModelCard, crop: Sequence[int], num_samples: int, label_map=None, train: bool = True):
-    """(deterministic part, random part): MONAI Compose objects."""
+def transforms(card: ModelCard, crop: Sequence[int], num_samples: int, label_map=None, train: bool = True,
+               flip_prob: float = 0.2, rot90_prob: float = 0.2):
+    """(deterministic part, random part): MONAI Compose objects.
+
+    Flips and 90-degree turns are MONAI's BTCV recipe; they are switchable because a flip
+    across the left-right axis turns a left kidney into a right one, which a model that
+    names left and right organs must then unlearn (the built-in demo model trains with 0)."""
     from monai import transforms as T
 
     it = card.intensity
@@ -192,10 +198,10 @@ def transforms(card: ModelCard, crop: Sequence[int], num_samples: int, label_map
     rand = T.Compose([
         T.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=list(crop), num_classes=card.num_classes,
                                   num_samples=num_samples, image_key="image", image_threshold=-1e9, warn=False),
-        T.RandFlipd(keys=keys, prob=0.2, spatial_axis=0),
-        T.RandFlipd(keys=keys, prob=0.2, spatial_axis=1),
-        T.RandFlipd(keys=keys, prob=0.2, spatial_axis=2),
-        T.RandRotate90d(keys=keys, prob=0.2, max_k=3),
+        T.RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
+        T.RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
+        T.RandFlipd(keys=keys, prob=flip_prob, spatial_axis=2),
+        T.RandRotate90d(keys=keys, prob=rot90_prob, max_k=3),
         T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
         T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
     ])
@@ -308,6 +314,11 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
     p.add_argument("--crop", type=int, nargs=3, default=None, help="crop size (default: the card's window)")
     p.add_argument("--num-samples", type=int, default=2, help="crops per scan and step (the batch size)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--flip-prob", type=float, default=0.2,
+                   help="chance of a flip along each axis (0 keeps left and right organs apart)")
+    p.add_argument("--rot90-prob", type=float, default=0.2, help="chance of a random 90-degree turn")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate over the epochs: constant, or cosine decay from --lr to 0 at --epochs")
     p.add_argument("--weight-decay", type=float, default=1e-5)
     p.add_argument("--val-every", type=int, default=1, help="validate every N epochs")
     p.add_argument("--seed", type=int, default=0)
@@ -373,7 +384,11 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
         state.update({k: ckpt[k] for k in ("epoch", "best_dice", "history")})
         log(f"resuming from {last} at epoch {state['epoch']}")
 
-    fixed, rand = transforms(card, crop, args.num_samples, label_map)
+    for name in ("flip_prob", "rot90_prob"):
+        if not 0.0 <= getattr(args, name, 0.0) <= 1.0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: a probability is between 0 and 1")
+    fixed, rand = transforms(card, crop, args.num_samples, label_map,
+                             flip_prob=getattr(args, "flip_prob", 0.2), rot90_prob=getattr(args, "rot90_prob", 0.2))
     val_fixed, _ = transforms(card, crop, args.num_samples, label_map, train=False)
     shard = ddp.shard(len(train_items))  # this rank's scans: ranks see different data
     log(f"caching {len(train_items)} training and {len(val_items)} validation scans in model space"
@@ -404,6 +419,9 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
         set_determinism(seed=args.seed + epoch + 1000 * ddp.rank)
         rng = np.random.default_rng((args.seed, epoch, ddp.rank))
         t0 = time.monotonic()
+        lr = _learning_rate(args, epoch)
+        for group in opt.param_groups:  # from the epoch alone, so a resumed run continues the same curve
+            group["lr"] = lr
         losses, seen = [], []
         for _ in range(steps):
             index = int(rng.integers(len(train_ds)))
@@ -417,7 +435,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
             opt.step()
             losses.append(float(loss.detach()))
         gathered = ddp.gather((float(np.mean(losses)), sorted(set(seen))))
-        entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean([g[0] for g in gathered])),
+        entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean([g[0] for g in gathered])), "lr": lr,
                                  "seconds": round(time.monotonic() - t0, 2)}
         if ddp.enabled:
             entry["ranks"] = [{"rank": r, "loss": g[0], "scans": g[1]} for r, g in enumerate(gathered)]
@@ -443,6 +461,12 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
         ddp.barrier()
     ddp.close()
     return {"epochs": state["epoch"], "best_dice": state["best_dice"], "history": state["history"], "stopped_early": stopped_early}
+
+
+def _learning_rate(args, epoch: int) -> float:
+    if getattr(args, "schedule", "constant") == "cosine":
+        return 0.5 * args.lr * (1.0 + math.cos(math.pi * (epoch - 1) / max(1, args.epochs)))
+    return args.lr
 
 
 def _quiet(*_args, **_kwargs) -> None:
