@@ -320,6 +320,42 @@ def test_bfloat16_labels_within_tolerance_of_float32(tiny_checkpoint):
     assert (f32.labels.array == bf16.labels.array).mean() >= 0.98
 
 
+def test_bfloat16_weights_and_autocast_agree_and_a_callers_network_is_left_alone(tiny_checkpoint):
+    """With bfloat16 the SwinUNETR runs with bfloat16 weights (no autocast) on CPUs that
+    have it: labels within 2 % of float32 like autocast, and a network the caller handed in
+    keeps its float32 weights (the engine casts a copy)."""
+    from SwinUNETRSegmentLib.checkpoint import load_model
+
+    card = tiny_card(spacing=(4.0, 4.0, 4.0))
+    vol, _, _ = body_volume(("3mm", (3.0, 3.0, 3.0), np.eye(3), (0.0, 0.0, 0.0)), fov_mm=120.0)
+    theirs = load_model(card, tiny_checkpoint)
+    f32 = Segmenter(card, network=theirs, device="cpu", fast=FastPath(precision="float32")).segment(vol)
+    weights = Segmenter(card, network=theirs, device="cpu", fast=FastPath(precision="bfloat16")).segment(vol)
+    amp = Segmenter(card, network=theirs, device="cpu", fast=FastPath(precision="bfloat16", bf16_weights=False)).segment(vol)
+    assert next(theirs.parameters()).dtype == torch.float32
+    assert f32.stats["weights"] == "float32" and amp.stats["weights"] == "float32"
+    assert weights.stats["weights"] == ("bfloat16" if fp.cpu_has_native_bf16() else "float32")
+    assert (f32.labels.array == weights.labels.array).mean() >= 0.98
+    assert (f32.labels.array == amp.labels.array).mean() >= 0.98
+
+
+def test_fused_window_attention_gives_the_same_output(tiny_checkpoint):
+    """MONAI's window attention through scaled_dot_product_attention: switched on in every
+    Swin block, same logits as the plain attention to float rounding, shifted windows
+    (masks) included."""
+    from SwinUNETRSegmentLib.checkpoint import load_model
+
+    net = load_model(tiny_card(), tiny_checkpoint).eval()
+    x = torch.rand((1, 1, 64, 64, 64), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert fp.use_fused_attention(net, False) == 8  # 4 stages x 2 blocks
+        plain = net(x)
+        assert fp.use_fused_attention(net, True) == 8
+        fused = net(x)
+    assert (fused - plain).abs().max().item() < 1e-4
+    assert not fp.is_swin(ThresholdNet()) and fp.is_swin(net)
+
+
 def test_threads_from_physical_cores(monkeypatch):
     n = fp.physical_cores()
     assert 1 <= n <= (os.cpu_count() or 1)

@@ -45,13 +45,14 @@ VARIANTS = {
     "engine": {},
     "plain": None,
     # the reference's answer exactly (float32, windows where the reference puts them);
-    # still skips air windows and resamples slab by slab, which change nothing
+    # still skips air windows and resamples only boundaries, which change nothing
     "exact": {"precision": "float32"},
     "crop": {"crop_to_body": True},
     "no-crop": {"crop_to_body": False},
     "no-air": {"skip_air": False},
     "fp32": {"precision": "float32"},
     "labels": {"resample": "labels"},
+    "probabilities": {"resample": "probabilities"},
     "compiled": {"compile": True},
 }
 

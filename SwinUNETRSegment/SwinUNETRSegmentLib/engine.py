@@ -22,6 +22,9 @@ The switches of the fast path are in :class:`~.fastpath.FastPath`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import logging
 import threading
 import time
@@ -179,6 +182,8 @@ class Segmenter:
             raise UserError(f"sw-batch-size must be at least 1, got {sw_batch_size}")
         self.fast = FastPath() if fast is None else fast
         self._network = network
+        self._owns_network = False
+        self._dtype = None  # the network's weights' dtype once loaded
         self._runner = None  # the network as called: compiled or not
         self._air_outputs: dict[tuple, Any] = {}
         self._prepared: Optional[tuple[str, Prepared]] = None
@@ -191,13 +196,26 @@ class Segmenter:
 
     def load(self):
         """Build the network and load the weights (once); returns the network."""
+        import torch
+
         if self._network is None:
             from .checkpoint import load_model
 
             self._network = load_model(self.card, self.checkpoint)
+            self._owns_network = True
         if not self.loaded:
             self._network = self._network.to(self.device)
             self._runner = None
+        dtype = fp.network_dtype(self.device, self.fast.precision, self._network, self.fast.bf16_weights)
+        if next(self._network.parameters()).dtype != dtype:
+            if not self._owns_network:  # a caller's module is theirs: cast a copy
+                self._network = copy.deepcopy(self._network)
+                self._owns_network = True
+            self._network = self._network.to(dtype)
+            self._runner = None
+            self._air_outputs.clear()
+        self._dtype = dtype
+        fp.use_fused_attention(self._network, self.fast.fused_attention)
         self._network.eval()
         if self._runner is None:
             self._runner = fp.maybe_compile(self._network, self.fast.compile)
@@ -280,9 +298,10 @@ class Segmenter:
         """The network's answer for a window of pure air (every voxel ``b_min``), once."""
         import torch
 
-        key = (str(self.device), str(autocast_dtype), tuple(self.card.roi_size))
+        key = (str(self.device), str(autocast_dtype), str(self._dtype), tuple(self.card.roi_size))
         if key not in self._air_outputs:
-            window = torch.full((1, 1) + tuple(self.card.roi_size), float(self.card.intensity["b_min"]), device=self.device)
+            window = torch.full((1, 1) + tuple(self.card.roi_size), float(self.card.intensity["b_min"]), device=self.device,
+                                dtype=self._dtype)
             self._air_outputs[key] = net(window).float()
         return self._air_outputs[key]
 
@@ -340,6 +359,7 @@ class Segmenter:
                          model_shape=list(prepared.full_shape))
             ac_dtype = fp.autocast_dtype(self.device, fast.precision)
             stats["precision"] = "float32" if ac_dtype is None else str(ac_dtype).replace("torch.", "")
+            stats["weights"] = str(self._dtype).replace("torch.", "")
             done = 0
             # On the CPU the card's window batch (a GPU setting) gives way to the fast path's
             # (fp.cpu_windows_per_call); a batch's windows then share one network call, and
@@ -354,7 +374,7 @@ class Segmenter:
                 is_air = [tuple(s.start for s in c[2:]) in air_starts for c in coords]
                 run = [n for n, a in enumerate(is_air) if not a]
                 check_cancel()
-                result = net(batch if len(run) == len(is_air) else batch[run]).float() if run else None
+                result = net((batch if len(run) == len(is_air) else batch[run]).to(self._dtype)).float() if run else None
                 if result is not None and len(run) == len(is_air):
                     outs.append(result)
                 else:
@@ -379,7 +399,8 @@ class Segmenter:
                 batch = cpu_batch if self.device.type == "cpu" else plan.sw_batch_size
                 x = prepared.image[None].to(self.device if out_device.type == self.device.type else out_device)
                 hooks = fp.cancel_checks(self._network, check_cancel, enabled=batch > 1 and not fast.compile)
-                with torch.inference_mode(), fp.autocast(self.device, fast.precision), hooks:
+                amp = contextlib.nullcontext() if self._dtype != torch.float32 else fp.autocast(self.device, fast.precision)
+                with torch.inference_mode(), amp, hooks:
                     return sliding_window_inference(
                         x, roi_size=roi, sw_batch_size=batch, predictor=predictor,
                         overlap=self.overlap, mode=self.card.blend_mode, sw_device=self.device,
