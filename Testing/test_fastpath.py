@@ -198,14 +198,13 @@ def _smooth_probs(shape, classes=5, seed=0):
     return torch.softmax(up * 8, 0)
 
 
-@pytest.mark.parametrize("grid", GRIDS, ids=ids)
-def test_probability_resampling_equals_monai_invertd(grid):
-    """Slab by slab gives exactly the labels of the reference's Invertd(bilinear) + argmax."""
+def _invertd_case(grid, shape=(37, 29, 23)):
+    """(input volume, model-space image, probabilities there, the labels of the reference's
+    Invertd(bilinear) + argmax on the input grid) for a test grid."""
     from monai.data import MetaTensor
     from monai.transforms import Compose, Invertd, Orientationd, Spacingd
 
     spacing, direction, origin = grid[1:]
-    shape = (37, 29, 23)
     vol = Volume(np.zeros(shape, np.float32), make_affine(spacing, direction, origin))
     pre = Compose([Orientationd(keys="image", axcodes="RAS"), Spacingd(keys="image", pixdim=(1.7, 2.1, 1.3), mode="bilinear")])
     data = pre({"image": MetaTensor(torch.zeros((1,) + shape), affine=torch.as_tensor(vol.ijk_to_ras))})
@@ -215,9 +214,15 @@ def test_probability_resampling_equals_monai_invertd(grid):
     pred.applied_operations = img.applied_operations
     data["pred"] = pred
     inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
-    reference = inverted.argmax(0).numpy().astype(np.uint8)
-    ours = fp.resample_probabilities(probs, img.affine.numpy(), shape, vol.ijk_to_ras, slab_voxels=700)
     assert np.allclose(inverted.affine.numpy(), vol.ijk_to_ras)
+    return vol, img, probs, inverted.argmax(0).numpy().astype(np.uint8)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=ids)
+def test_probability_resampling_equals_monai_invertd(grid):
+    """Slab by slab gives exactly the labels of the reference's Invertd(bilinear) + argmax."""
+    vol, img, probs, reference = _invertd_case(grid)
+    ours = fp.resample_probabilities(probs, img.affine.numpy(), vol.shape, vol.ijk_to_ras, slab_voxels=700)
     np.testing.assert_array_equal(ours, reference)
 
 
@@ -226,23 +231,9 @@ def test_boundary_resampling_equals_monai_invertd(grid):
     """resample="boundaries" (labels travel, probabilities only where the eight neighbours
     disagree) gives the labels of the reference's Invertd(bilinear) + argmax on every grid,
     from logits rather than probabilities."""
-    from monai.data import MetaTensor
-    from monai.transforms import Compose, Invertd, Orientationd, Spacingd
-
-    spacing, direction, origin = grid[1:]
-    shape = (37, 29, 23)
-    vol = Volume(np.zeros(shape, np.float32), make_affine(spacing, direction, origin))
-    pre = Compose([Orientationd(keys="image", axcodes="RAS"), Spacingd(keys="image", pixdim=(1.7, 2.1, 1.3), mode="bilinear")])
-    data = pre({"image": MetaTensor(torch.zeros((1,) + shape), affine=torch.as_tensor(vol.ijk_to_ras))})
-    img = data["image"]
-    probs = _smooth_probs(img.shape[1:])
+    vol, img, probs, reference = _invertd_case(grid)
     logits = torch.log(probs) + 3.0  # any per-voxel shift: softmax undoes it
-    pred = MetaTensor(probs.clone(), affine=img.affine)
-    pred.applied_operations = img.applied_operations
-    data["pred"] = pred
-    inverted = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(data)["pred"]
-    reference = inverted.argmax(0).numpy().astype(np.uint8)
-    ours = fp.resample_argmax(logits, img.affine.numpy(), shape, vol.ijk_to_ras, slab_voxels=700)
+    ours = fp.resample_argmax(logits, img.affine.numpy(), vol.shape, vol.ijk_to_ras, slab_voxels=700)
     assert len(np.unique(reference)) > 3  # boundaries to get right, not one label everywhere
     mismatch = int((ours != reference).sum())
     assert mismatch <= max(1, reference.size // 20000), f"{mismatch} voxels differ"  # float rounding at exact ties only
