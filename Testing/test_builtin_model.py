@@ -54,3 +54,22 @@ def test_reaches_the_dice_in_its_card_on_the_example_ct(reference_files):
     for organ, expected in card.training["dice"].items():
         assert dice.get(organ, 0.0) >= expected - 0.05, (organ, expected, dice)
     assert dice["liver"] > 0.4, dice
+
+
+@pytest.mark.network
+def test_the_demo_training_inputs_are_written_as_its_card_records(tmp_path, reference_files):
+    """`write_demo_datalist` recreates what the recorded training command reads: the three
+    image/label pairs whose SHA256s the card holds, the label map, and a weightless base card
+    of the same network."""
+    from SwinUNETRSegmentLib import sampledata
+    from SwinUNETRSegmentLib.cards import load_card
+    from SwinUNETRSegmentLib.training import _sha256, load_datalist
+
+    datalist, label_map = sampledata.write_demo_datalist(tmp_path, cache=reference_files.parents[2])
+    train, _ = load_datalist(str(datalist))
+    recorded = catalog.card_of("demo").training["data"]
+    assert [_sha256(item["label"]) for item in train] == [d["label_sha256"] for d in recorded]
+    assert [_sha256(item["image"]) for item in train] == [d["image_sha256"] for d in recorded]
+    base = load_card(str(tmp_path / "base_card.json"))
+    assert base.checkpoint == {} and base.network_args == catalog.card_of("demo").network_args
+    assert {int(k): v for k, v in __import__("json").loads(label_map.read_text()).items()} == TOTALSEG_TO_BTCV

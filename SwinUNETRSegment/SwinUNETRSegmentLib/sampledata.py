@@ -98,7 +98,9 @@ def reference_files(cache: Path | None = None, download: bool = True) -> Path:
 
 
 def write_demo_datalist(out_dir: Path, cache: Path | None = None) -> tuple[Path, Path]:
-    """The built-in model's datalist (Decathlon JSON) and TotalSegmentator->BTCV label map."""
+    """The built-in model's datalist (Decathlon JSON) and TotalSegmentator->BTCV label map,
+    and ``base_card.json``: the demo card's network, preprocessing, windows and labels
+    without its weights or training record (what ``train --card`` starts from)."""
     ref = reference_files(cache)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,4 +113,10 @@ def write_demo_datalist(out_dir: Path, cache: Path | None = None) -> tuple[Path,
     dl.write_text(json.dumps(datalist, indent=2) + "\n")
     lm = out_dir / "totalseg_to_btcv.json"
     lm.write_text(json.dumps({str(k): v for k, v in TOTALSEG_TO_BTCV.items()}, indent=2) + "\n")
+    from .cards import BUILTIN_CARD_DIR
+
+    base = json.loads((BUILTIN_CARD_DIR / "demo.json").read_text(encoding="utf-8"))
+    base["checkpoint"] = {}
+    base.pop("training", None)
+    (out_dir / "base_card.json").write_text(json.dumps(base, indent=2) + "\n", encoding="utf-8")
     return dl, lm
