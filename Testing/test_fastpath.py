@@ -239,11 +239,14 @@ def test_boundary_resampling_equals_monai_invertd(grid):
     assert mismatch <= max(1, reference.size // 20000), f"{mismatch} voxels differ"  # float rounding at exact ties only
 
 
+@pytest.mark.parametrize("dense", [0.0, 1.0], ids=["every-slab-interpolated", "boundary-voxels-only"])
 @pytest.mark.parametrize("outside", ["border", "background"])
-def test_boundary_resampling_equals_probability_resampling(outside):
+def test_boundary_resampling_equals_probability_resampling(outside, dense, monkeypatch):
     """Against the slab-by-slab probability resampling on a rotated, finer grid that reaches
     beyond model space (both ways of treating the outside) and with noisy logits, where
-    nearly every cell holds a boundary."""
+    nearly every cell holds a boundary; both ways a slab can go (boundary voxels only, or
+    every voxel interpolated when boundaries are dense)."""
+    monkeypatch.setattr(fp, "DENSE_BOUNDARIES", dense)
     g = torch.Generator().manual_seed(3)
     for logits in (torch.log(_smooth_probs((19, 17, 13), classes=5)), torch.randn((4, 9, 8, 7), generator=g)):
         src = make_affine((2.5, 2.0, 3.0), np.eye(3), (4.0, -3.0, 2.0))

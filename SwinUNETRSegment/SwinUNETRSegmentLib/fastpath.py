@@ -401,7 +401,7 @@ def softmax_inplace(logits, chunk: int = 8) -> None:
 
 def resample_probabilities(probs, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
                            outside: str = "border", slab_voxels: int = 1 << 20, out: Optional[np.ndarray] = None,
-                           cancel: Optional[Callable[[], None]] = None) -> np.ndarray:
+                           cancel: Optional[Callable[[], None]] = None, softmax: bool = False) -> np.ndarray:
     """Labels on the input grid from model-space class probabilities, slab by slab.
 
     Each slab of the destination (a few planes along its first axis) takes the part of
@@ -420,6 +420,7 @@ def resample_probabilities(probs, src_affine: np.ndarray, dst_shape: Sequence[in
         slab_voxels: destination voxels per slab.
         out: optional uint8 array of ``dst_shape`` to write into.
         cancel: called between slabs; raises to stop.
+        softmax: ``probs`` are logits: take the softmax of each slab's part first.
 
     Returns:
         uint8 labels of ``dst_shape``.
@@ -446,7 +447,8 @@ def resample_probabilities(probs, src_affine: np.ndarray, dst_shape: Sequence[in
         lo = np.clip(np.floor(pts.min(0)).astype(int) - 1, 0, src_shape - 1)
         hi = np.clip(np.ceil(pts.max(0)).astype(int) + 2, lo + 1, src_shape)
         sub = probs[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        src = MetaTensor(sub.float(), affine=torch.as_tensor(shift_affine(src_affine, lo)))
+        sub = torch.softmax(sub.float(), dim=0) if softmax else sub.float()
+        src = MetaTensor(sub, affine=torch.as_tensor(shift_affine(src_affine, lo)))
         slab = resample(src, dst_affine=torch.as_tensor(shift_affine(dst_affine, (i0, 0, 0))),
                         spatial_size=(i1 - i0,) + dst_shape[1:])
         p = slab.as_tensor()
@@ -481,6 +483,10 @@ def _cell_labels(labels, outside: str):
                     same &= lab[dx:dx + first.shape[0], dy:dy + first.shape[1], dz:dz + first.shape[2]] == first
     cells = torch.where(same, first, torch.full_like(first, 255))
     return cells.contiguous()
+
+
+#: above this share of boundary voxels in a slab, resample_argmax interpolates the whole slab
+DENSE_BOUNDARIES = 0.2
 
 
 def resample_argmax(logits, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
@@ -549,6 +555,13 @@ def resample_argmax(logits, src_affine: np.ndarray, dst_shape: Sequence[int], ds
         flat = (base[0] * cell_shape[1] + base[1]) * cell_shape[2] + base[2]
         lab = cells_flat[flat]
         edge = lab == 255
+        if float(edge.float().mean()) > DENSE_BOUNDARIES:
+            # Boundaries nearly everywhere (an untrained network's noise): interpolating every
+            # channel with grid_sample is then cheaper than gathering corners voxel by voxel.
+            del coords, base, frac, flat, lab, edge
+            resample_probabilities(logits, src_affine, (i1 - i0,) + dst_shape[1:], shift_affine(dst_affine, (i0, 0, 0)),
+                                   outside=outside, slab_voxels=slab_voxels, out=labels_out[i0:i1], softmax=True)
+            continue
         if bool(edge.any()):
             lab[edge] = _interpolated_argmax(logits, [b[edge] for b in base], [f[edge] for f in frac], src_shape,
                                              outside)
