@@ -171,6 +171,11 @@ def test_body_box_snaps_to_the_window_grid():
     # Whole image or no body: no box.
     assert fp.body_box(torch.zeros((80, 80, 80), dtype=torch.bool), (64, 64, 64), 0.5) is None
     assert fp.body_box(torch.ones((80, 80, 80), dtype=torch.bool), (64, 64, 64), 0.5) is None
+    # A box that saves no window is not worth moving the windows for (the real example CT:
+    # its body fills the field of view but for a few air planes at the back).
+    air = torch.ones((122, 101, 112), dtype=torch.bool)
+    air[:, :97, :] = False
+    assert fp.body_box(air, (64, 64, 64), 0.25) is None
 
 
 def test_air_window_starts_match_a_direct_check():

@@ -356,7 +356,8 @@ def air_window_starts(air, roi_size: Sequence[int], overlap: float, pad_is_air: 
 def body_box(air, roi_size: Sequence[int], overlap: float) -> Optional[tuple[slice, slice, slice]]:
     """The part of model space the windows must cover: the bounding box of the non-air
     voxels, each start snapped down to the uncropped image's window grid, at least one
-    window long. None when the box is the whole image or there is no body at all."""
+    window long. None when the box is the whole image, saves no window (moving windows
+    changes a network's answer for nothing), or there is no body at all."""
     import torch
 
     shape = list(air.shape)
@@ -377,6 +378,10 @@ def body_box(air, roi_size: Sequence[int], overlap: float) -> Optional[tuple[sli
         box.append(slice(start, stop))
     if all(s.start == 0 and s.stop == n for s, n in zip(box, shape)):
         return None
+    from .engine import count_windows
+
+    if count_windows([s.stop - s.start for s in box], roi_size, overlap) >= count_windows(shape, roi_size, overlap):
+        return None  # no window saved: keep every window where the reference puts it
     return tuple(box)  # type: ignore[return-value]
 
 
