@@ -303,6 +303,29 @@ def test_synthetic_oblique_scan_all_outputs(capsys, tmp_path, model_args):
         assert im.format == "PNG" and im.width > 100 and im.height > 100
 
 
+def test_precision_float32_gives_the_same_labels_as_the_engine_in_float32(capsys, tmp_path, model_args):
+    """--precision float32 is the reference-exact setting: the CLI's label map equals the
+    engine's float32 answer voxel for voxel; a precision it does not know is refused."""
+    from SwinUNETRSegmentLib.cards import load_card
+    from SwinUNETRSegmentLib.engine import Segmenter
+    from SwinUNETRSegmentLib.fastpath import FastPath
+
+    arr = np.full((40, 36, 20), -1000, np.int16)
+    arr[6:34, 5:30, 3:17] = 60
+    arr[12:22, 10:20, 6:12] = 200
+    vol = Volume(arr, make_affine((4.0, 4.0, 6.0)))
+    scan = write_nifti(vol, tmp_path / "scan.nii.gz")
+    out = tmp_path / "f32.nii.gz"
+    rc, _, err = run_main(capsys, ["-i", scan, "-o", out, "--precision", "float32", *model_args])
+    assert rc == 0, err
+    back, _ = imageio.read_volume(out)
+    card = load_card(model_args[1])
+    direct = Segmenter(card, model_args[3], device="cpu", fast=FastPath(precision="float32")).segment(vol)
+    np.testing.assert_array_equal(back.array, direct.labels.array)
+    rc, _, err = run_main(capsys, ["-i", scan, "-o", tmp_path / "x.nii.gz", "--precision", "float8", *model_args])
+    assert rc == 2 and "--precision" in err and "float32" in err and "Traceback" not in err
+
+
 @pytest.mark.network
 def test_real_ct_nifti_end_to_end(tmp_path, reference_files, tiny_card_file, tiny_checkpoint):
     """The console script on the real example CT: output grid == input grid, Slicer names and colours."""

@@ -53,6 +53,9 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
     p.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap, 0 to <1 (default: the card's)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per network call (default: the card's)")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="network precision: auto = bfloat16 on CPUs that have it, float16 on CUDA; "
+                        "float32 gives the MONAI reference pipeline's labels exactly")
     p.add_argument("--preview", metavar="PNG", help="also write a PNG: three orthogonal slices with the segments overlaid")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when the DICOM folder holds several series")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
@@ -112,7 +115,10 @@ def _segmenter(args: argparse.Namespace, card, weights):
 
         if torch.cuda.is_available():  # torchrun: one GPU per process
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    segmenter = Segmenter(card, weights, device=device, overlap=args.overlap, sw_batch_size=args.sw_batch_size)
+    from .fastpath import FastPath
+
+    segmenter = Segmenter(card, weights, device=device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
+                          fast=FastPath(precision=getattr(args, "precision", "auto")))
     segmenter.load()  # a checkpoint that does not fit the card fails here, before any inference
     return segmenter
 

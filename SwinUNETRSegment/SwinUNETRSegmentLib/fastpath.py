@@ -26,10 +26,11 @@ Pieces, and what each may change in the answer:
 * **crop_to_body**: sliding windows cover only the bounding box of the body (non-air voxels
   in model space), its start snapped to the window grid of the uncropped image so that
   interior windows sit where the reference puts them; voxels outside the box are
-  background. The number of windows then follows the body, not the field of view. Changes
-  the answer (the windows at the box's far edges sit elsewhere, and a network's answer
-  depends on its window): measured with a trained model on the real CT, liver Dice 0.956
-  against the reference, below the 0.98 bound, so it is off by default (benchmarks/README.md).
+  background; no crop when it would save no window. The number of windows then follows
+  the body, not the field of view. Changes the answer (the windows at the box's far edges
+  sit elsewhere, and a network's answer depends on its window): an early checkpoint of the
+  demo model gave 0.45 mean Dice against the reference on the air-padded CT (it never
+  saw air around a body in training), so it is off by default (benchmarks/README.md).
 * **resample** ``"boundaries"`` (the default): the labels of ``"probabilities"`` below,
   computed from a uint8 label map: wherever the eight model-space voxels around an input
   voxel share one argmax label, linear interpolation cannot change the winner, so only the
