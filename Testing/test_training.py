@@ -115,3 +115,38 @@ def test_two_epochs_lower_the_loss_and_the_engine_loads_the_result(tmp_path, ref
     assert main([str(a) for a in argv]) == 0
     assert "resuming from" in capsys.readouterr().out
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_flip_probability_zero_keeps_left_and_right(flip):
+    """--flip-prob 0 --rot90-prob 0: every crop keeps the scan's left-right order (a flip
+    would make a left kidney look like a right one); --flip-prob 1 reverses it."""
+    import argparse
+
+    import torch
+    from monai.data import MetaTensor
+
+    card = tiny_card()
+    _, rand = training.transforms(card, (64, 64, 64), 4, flip_prob=flip, rot90_prob=0.0)
+    x = torch.arange(96)[:, None, None].expand(96, 80, 72)
+    sample = {"image": MetaTensor((x.float() / 96.0)[None]), "label": MetaTensor((x // 8).to(torch.uint8)[None])}
+    for crop in rand(sample):
+        along_x = crop["label"].as_tensor()[0, :, 0, 0].int()
+        steps = along_x[1:] - along_x[:-1]
+        assert bool((steps >= 0).all()) if flip == 0.0 else bool((steps <= 0).all())
+    with pytest.raises(UserError, match="--flip-prob"):
+        bad = argparse.Namespace(flip_prob=1.5, rot90_prob=0.0)
+        training._check_probabilities(bad)
+
+
+def test_cosine_schedule_depends_on_the_epoch_alone():
+    """--schedule cosine: the learning rate comes from the epoch number only, so a resumed
+    run continues the same curve; constant stays at --lr."""
+    import argparse
+
+    args = argparse.Namespace(lr=1e-3, epochs=10, schedule="cosine")
+    rates = [training._learning_rate(args, e) for e in range(1, 11)]
+    assert rates[0] == pytest.approx(1e-3) and rates[5] == pytest.approx(0.5e-3)
+    assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] > 0
+    args.schedule = "constant"
+    assert training._learning_rate(args, 7) == 1e-3

@@ -384,9 +384,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
         state.update({k: ckpt[k] for k in ("epoch", "best_dice", "history")})
         log(f"resuming from {last} at epoch {state['epoch']}")
 
-    for name in ("flip_prob", "rot90_prob"):
-        if not 0.0 <= getattr(args, name, 0.0) <= 1.0:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: a probability is between 0 and 1")
+    _check_probabilities(args)
     fixed, rand = transforms(card, crop, args.num_samples, label_map,
                              flip_prob=getattr(args, "flip_prob", 0.2), rot90_prob=getattr(args, "rot90_prob", 0.2))
     val_fixed, _ = transforms(card, crop, args.num_samples, label_map, train=False)
@@ -461,6 +459,12 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
         ddp.barrier()
     ddp.close()
     return {"epochs": state["epoch"], "best_dice": state["best_dice"], "history": state["history"], "stopped_early": stopped_early}
+
+
+def _check_probabilities(args) -> None:
+    for name in ("flip_prob", "rot90_prob"):
+        if not 0.0 <= getattr(args, name, 0.0) <= 1.0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: a probability is between 0 and 1")
 
 
 def _learning_rate(args, epoch: int) -> float:
