@@ -150,3 +150,26 @@ def test_cosine_schedule_depends_on_the_epoch_alone():
     assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] > 0
     args.schedule = "constant"
     assert training._learning_rate(args, 7) == 1e-3
+
+
+def test_background_weight_centres_more_crops_on_background():
+    """--background-weight W: crops centred on background W times as often as on each label
+    (seen by where the crops' centres fall); zero or less is refused."""
+    import argparse
+
+    import torch
+    from monai.data import MetaTensor
+
+    card = tiny_card()
+    label = torch.zeros((1, 256, 64, 64), dtype=torch.uint8)
+    label[0, 220:240, 20:40, 20:40] = 6  # one organ at one end; background everywhere else
+    sample = {"image": MetaTensor(torch.rand((1, 256, 64, 64))), "label": MetaTensor(label)}
+    with_organ = {}
+    for weight in (1.0, 20.0):
+        _, rand = training.transforms(card, (64, 64, 64), 60, flip_prob=0.0, rot90_prob=0.0, background_weight=weight)
+        rand.set_random_state(0)
+        with_organ[weight] = np.mean([bool((c["label"].as_tensor() == 6).any()) for c in rand(sample)])
+    # weight 1: half the crops on the organ; weight 20: 1 in 21, plus background crops near it
+    assert with_organ[1.0] > 0.5 and with_organ[20.0] < with_organ[1.0] - 0.2, with_organ
+    with pytest.raises(UserError, match="--background-weight"):
+        training._check_probabilities(argparse.Namespace(flip_prob=0.0, rot90_prob=0.0, background_weight=0.0))

@@ -174,12 +174,15 @@ class LoadPaird:
 
 
 def transforms(card: ModelCard, crop: Sequence[int], num_samples: int, label_map=None, train: bool = True,
-               flip_prob: float = 0.2, rot90_prob: float = 0.2):
+               flip_prob: float = 0.2, rot90_prob: float = 0.2, background_weight: float = 1.0):
     """(deterministic part, random part): MONAI Compose objects.
 
     Flips and 90-degree turns are MONAI's BTCV recipe; they are switchable because a flip
     across the left-right axis turns a left kidney into a right one, which a model that
-    names left and right organs must then unlearn (the built-in demo model trains with 0)."""
+    names left and right organs must then unlearn (the built-in demo model trains with 0).
+    Crops are centred on each label in turn; ``background_weight`` makes crops centred on
+    background that many times as frequent as those of each organ (so that the parts of a
+    scan far from any organ, such as the pelvis for abdominal labels, are seen too)."""
     from monai import transforms as T
 
     it = card.intensity
@@ -197,6 +200,7 @@ def transforms(card: ModelCard, crop: Sequence[int], num_samples: int, label_map
     fixed.append(T.SpatialPadd(keys=keys, spatial_size=list(crop)))
     rand = T.Compose([
         T.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=list(crop), num_classes=card.num_classes,
+                                  ratios=[float(background_weight)] + [1.0] * (card.num_classes - 1),
                                   num_samples=num_samples, image_key="image", image_threshold=-1e9, warn=False),
         T.RandFlipd(keys=keys, prob=flip_prob, spatial_axis=0),
         T.RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
@@ -317,6 +321,8 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
     p.add_argument("--flip-prob", type=float, default=0.2,
                    help="chance of a flip along each axis (0 keeps left and right organs apart)")
     p.add_argument("--rot90-prob", type=float, default=0.2, help="chance of a random 90-degree turn")
+    p.add_argument("--background-weight", type=float, default=1.0,
+                   help="crops centred on background per crop centred on each label (default 1)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rate over the epochs: constant, or cosine decay from --lr to 0 at --epochs")
     p.add_argument("--weight-decay", type=float, default=1e-5)
@@ -386,7 +392,8 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
     _check_probabilities(args)
     fixed, rand = transforms(card, crop, args.num_samples, label_map,
-                             flip_prob=getattr(args, "flip_prob", 0.2), rot90_prob=getattr(args, "rot90_prob", 0.2))
+                             flip_prob=getattr(args, "flip_prob", 0.2), rot90_prob=getattr(args, "rot90_prob", 0.2),
+                             background_weight=getattr(args, "background_weight", 1.0))
     val_fixed, _ = transforms(card, crop, args.num_samples, label_map, train=False)
     shard = ddp.shard(len(train_items))  # this rank's scans: ranks see different data
     log(f"caching {len(train_items)} training and {len(val_items)} validation scans in model space"
@@ -465,6 +472,8 @@ def _check_probabilities(args) -> None:
     for name in ("flip_prob", "rot90_prob"):
         if not 0.0 <= getattr(args, name, 0.0) <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: a probability is between 0 and 1")
+    if not getattr(args, "background_weight", 1.0) > 0:
+        raise UserError(f"--background-weight {args.background_weight}: must be positive")
 
 
 def _learning_rate(args, epoch: int) -> float:
