@@ -136,7 +136,7 @@ def test_flip_probability_zero_keeps_left_and_right(flip):
         assert bool((steps >= 0).all()) if flip == 0.0 else bool((steps <= 0).all())
     with pytest.raises(UserError, match="--flip-prob"):
         bad = argparse.Namespace(flip_prob=1.5, rot90_prob=0.0)
-        training._check_probabilities(bad)
+        training._check_augmentation(bad)
 
 
 def test_cosine_schedule_depends_on_the_epoch_alone():
@@ -172,4 +172,4 @@ def test_background_weight_centres_more_crops_on_background():
     # weight 1: half the crops on the organ; weight 20: 1 in 21, plus background crops near it
     assert with_organ[1.0] > 0.5 and with_organ[20.0] < with_organ[1.0] - 0.2, with_organ
     with pytest.raises(UserError, match="--background-weight"):
-        training._check_probabilities(argparse.Namespace(flip_prob=0.0, rot90_prob=0.0, background_weight=0.0))
+        training._check_augmentation(argparse.Namespace(flip_prob=0.0, rot90_prob=0.0, background_weight=0.0))

@@ -37,7 +37,7 @@ import numpy as np
 from .cards import ModelCard
 from . import fastpath as fp
 from .errors import CancelledError, UserError
-from .fastpath import FastPath, Prepared
+from .fastpath import FastPath, Prepared, count_windows  # noqa: F401 - count_windows is part of the engine API
 from .geometry import Volume
 from .progress import ProgressCallback, ProgressTracker
 
@@ -105,19 +105,6 @@ def resolve_device(name: Optional[str] = "auto"):
     if dev.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps")
     return dev
-
-
-def count_windows(image_size, roi_size, overlap: float) -> int:
-    """How many windows MONAI's sliding-window inferer runs over an image of ``image_size``.
-
-    Mirrors monai.inferers.utils: the image is padded up to the window size, the step is
-    ``int(roi * (1 - overlap))`` (the whole window where window and image are equal).
-    """
-    from monai.data.utils import dense_patch_slices
-
-    size = [max(int(s), int(r)) for s, r in zip(image_size, roi_size)]
-    interval = [int(r) if int(r) == s else max(int(int(r) * (1 - overlap)), 1) for s, r in zip(size, roi_size)]
-    return len(dense_patch_slices(size, list(roi_size), interval))
 
 
 def resample_labels(src, dst: Volume, src_affine: Optional[np.ndarray] = None, outside: str = "border") -> np.ndarray:

@@ -314,6 +314,15 @@ def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: f
     return [int(r) if int(r) == int(s) else max(int(int(r) * (1 - overlap)), 1) for s, r in zip(image_size, roi_size)]
 
 
+def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's sliding-window inferer runs over an image of ``image_size``
+    (padded up to the window size first, as monai.inferers.utils does)."""
+    from monai.data.utils import dense_patch_slices
+
+    size = [max(int(s), int(r)) for s, r in zip(image_size, roi_size)]
+    return len(dense_patch_slices(size, list(roi_size), scan_interval(size, roi_size, overlap)))
+
+
 def monai_padding(shape: Sequence[int], roi_size: Sequence[int]) -> list[tuple[int, int]]:
     """(before, after) padding per axis that sliding_window_inference adds to a small image."""
     out = []
@@ -379,8 +388,6 @@ def body_box(air, roi_size: Sequence[int], overlap: float) -> Optional[tuple[sli
         box.append(slice(start, stop))
     if all(s.start == 0 and s.stop == n for s, n in zip(box, shape)):
         return None
-    from .engine import count_windows
-
     if count_windows([s.stop - s.start for s in box], roi_size, overlap) >= count_windows(shape, roi_size, overlap):
         return None  # no window saved: keep every window where the reference puts it
     return tuple(box)  # type: ignore[return-value]

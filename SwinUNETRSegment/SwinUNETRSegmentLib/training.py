@@ -390,7 +390,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
         state.update({k: ckpt[k] for k in ("epoch", "best_dice", "history")})
         log(f"resuming from {last} at epoch {state['epoch']}")
 
-    _check_probabilities(args)
+    _check_augmentation(args)
     fixed, rand = transforms(card, crop, args.num_samples, label_map,
                              flip_prob=getattr(args, "flip_prob", 0.2), rot90_prob=getattr(args, "rot90_prob", 0.2),
                              background_weight=getattr(args, "background_weight", 1.0))
@@ -468,7 +468,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     return {"epochs": state["epoch"], "best_dice": state["best_dice"], "history": state["history"], "stopped_early": stopped_early}
 
 
-def _check_probabilities(args) -> None:
+def _check_augmentation(args) -> None:
     for name in ("flip_prob", "rot90_prob"):
         if not 0.0 <= getattr(args, name, 0.0) <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: a probability is between 0 and 1")
