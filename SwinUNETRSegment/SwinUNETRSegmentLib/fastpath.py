@@ -16,6 +16,11 @@ Pieces, and what each may change in the answer:
 * **fused_attention**: the Swin blocks' window attention through one fused
   ``scaled_dot_product_attention`` (MONAI's ``use_flash_attention``): 1.28 x faster per
   window in float32, outputs equal to 2e-6. Changes nothing beyond rounding.
+* **cached_attention**: with fused attention, the shifted windows' attention mask and the
+  relative position bias are built once per segmentation and broadcast over a call's
+  windows, where MONAI rebuilds, expands and copies them on every call
+  (:mod:`.window_attention`): 1.12 x faster per window at feature_size 48 (bfloat16, 96^3,
+  two windows per call), 1.4 x at feature_size 12 (64^3). Outputs bit for bit MONAI's.
 * **threads**: torch's intra-op thread count from the physical cores this process may use
   (hyper-threads slow convolutions down). Changes nothing.
 * **skip_air**: a sliding window whose voxels all lie below the intensity window (air, the
@@ -85,6 +90,9 @@ class FastPath:
             and residual add); other networks get autocast.
         fused_attention: the Swin blocks' window attention through
             ``scaled_dot_product_attention`` (MONAI's ``use_flash_attention``) at inference.
+        cached_attention: with fused attention, the shifted windows' mask and the relative
+            position bias are built once per segmentation, not on every network call
+            (:mod:`.window_attention`).
         threads: torch intra-op threads; "auto" = the physical cores this process may run
             on; None leaves torch's setting alone.
         skip_air: do not run windows that hold only air.
@@ -103,6 +111,7 @@ class FastPath:
     precision: str = "auto"
     bf16_weights: bool = True
     fused_attention: bool = True
+    cached_attention: bool = True
     threads: Any = "auto"
     skip_air: bool = True
     crop_to_body: bool = False
@@ -128,7 +137,7 @@ class FastPath:
     @classmethod
     def plain(cls) -> "FastPath":
         """Everything off: float32, every window, the whole image, nearest labels back."""
-        return cls(precision="float32", bf16_weights=False, fused_attention=False, threads=None, skip_air=False, crop_to_body=False, resample="labels",
+        return cls(precision="float32", bf16_weights=False, fused_attention=False, cached_attention=False, threads=None, skip_air=False, crop_to_body=False, resample="labels",
                    cpu_batch=1, gpu_stitching=True, compile=False, cache_preprocessed=False)
 
     def but(self, **changes: Any) -> "FastPath":

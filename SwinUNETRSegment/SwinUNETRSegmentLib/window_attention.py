@@ -1,0 +1,147 @@
+"""Shifted-window attention at inference without rebuilding its bias on every call.
+
+MONAI's ``WindowAttention`` with ``use_flash_attention`` (``scaled_dot_product_attention``)
+rebuilds, on every forward, the additive bias of a shifted block: the relative position
+bias plus the shift mask, both reshaped to ``(batch * windows, heads, n, n)``; and each
+``BasicLayer`` recomputes the shift mask (``compute_mask``) on every forward. In stage 1
+of a 96^3 window that is a ``(343 * batch, heads, 343, 343)`` float32 tensor, added,
+expanded, copied and cast per call. Measured on 2 CPU cores, feature_size 48, two windows
+in bfloat16: about one second of an 8 s call went to building these tensors, whose values
+never change while the weights and the window size stay the same
+(benchmarks/README.md).
+
+No library caches them, so this module does, for the duration of one segmentation:
+
+* ``compute_mask`` is memoised per (grid, window, shift, device);
+* each window attention keeps its combined bias of ``windows * heads`` planes in the
+  activations' dtype, and hands it to ``scaled_dot_product_attention`` once for all the
+  batch's windows (the batch becomes a broadcast dimension of the mask instead of a copy).
+
+The arithmetic is MONAI's: the same float32 sum of the bias and the mask, cast to the
+activations' dtype, the same fused attention kernel (tests compare the outputs with
+MONAI's own path). Training, autograd and the non-fused path are untouched: the cached
+forward hands those back to MONAI's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import types
+from typing import Any, Iterator
+
+_PATCH_LOCK = threading.Lock()
+_PATCH_DEPTH = 0
+_ORIGINAL_COMPUTE_MASK: Any = None
+_MASKS: dict[tuple, Any] = {}
+#: Combined biases kept per attention module (one per window grid and dtype in practice).
+_MAX_BIASES = 4
+
+
+def _memoised_compute_mask(dims, window_size, shift_size, device):
+    key = (tuple(int(d) for d in dims), tuple(int(w) for w in window_size), tuple(int(s) for s in shift_size), str(device))
+    mask = _MASKS.get(key)
+    if mask is None:
+        mask = _ORIGINAL_COMPUTE_MASK(dims, window_size, shift_size, device)
+        _MASKS[key] = mask
+    return mask
+
+
+@contextlib.contextmanager
+def _mask_memo() -> Iterator[None]:
+    """Swap MONAI's module-level ``compute_mask`` for the memoised one while any cached
+    attention is active (reference-counted: engines in several threads may nest)."""
+    global _PATCH_DEPTH, _ORIGINAL_COMPUTE_MASK
+    from monai.networks.nets import swin_unetr
+
+    with _PATCH_LOCK:
+        if _PATCH_DEPTH == 0:
+            _ORIGINAL_COMPUTE_MASK = swin_unetr.compute_mask
+            swin_unetr.compute_mask = _memoised_compute_mask
+        _PATCH_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            _PATCH_DEPTH -= 1
+            if _PATCH_DEPTH == 0:
+                swin_unetr.compute_mask = _ORIGINAL_COMPUTE_MASK
+                _ORIGINAL_COMPUTE_MASK = None
+                _MASKS.clear()
+
+
+def _combined_bias(module, mask, n: int, dtype):
+    """``(heads, n, n)`` without a mask, ``(windows * heads, n, n)`` with one: the relative
+    position bias plus the shift mask, summed in float32 as MONAI does, in ``dtype``."""
+    import torch
+
+    table = module.relative_position_bias_table
+    key = (n, dtype, table.device, table.data_ptr(), table._version,
+           None if mask is None else (tuple(mask.shape), mask.data_ptr(), mask.dtype))
+    cache = module._swinunetr_segment_biases
+    bias = cache.get(key)
+    if bias is None:
+        index = module.relative_position_index[:n, :n].reshape(-1)
+        rel = table[index].reshape(n, n, -1).permute(2, 0, 1)  # (heads, n, n)
+        if mask is None:
+            bias = rel.to(dtype).contiguous()
+        else:
+            nw = mask.shape[0]
+            bias = (rel[None].to(torch.promote_types(rel.dtype, mask.dtype)) + mask[:, None]).to(dtype)
+            bias = bias.reshape(nw * rel.shape[0], n, n).contiguous()
+        if len(cache) >= _MAX_BIASES:
+            cache.clear()
+        cache[key] = bias
+    return bias
+
+
+def _cached_forward(self, x, mask):
+    """``WindowAttention.forward`` at inference with the cached bias (see the module doc)."""
+    import torch
+
+    if not self.use_flash_attention or torch.is_grad_enabled() or torch.jit.is_scripting():
+        return type(self).forward(self, x, mask)
+    b, n, c = x.shape
+    heads = self.num_heads
+    d = c // heads
+    qkv = self.qkv(x).reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # (b, heads, n, d)
+    bias = _combined_bias(self, mask, n, q.dtype)
+    if mask is None:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=0.0, scale=self.scale)
+    else:
+        # Windows come batch-major (index = image * windows + window), so viewing the batch
+        # as (images, windows * heads) lines every window up with its bias plane and lets
+        # the mask broadcast over the images.
+        groups = b // mask.shape[0]
+        q, k, v = (t.reshape(groups, -1, n, d) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=0.0, scale=self.scale)
+        out = out.reshape(b, heads, n, d)
+    out = out.transpose(1, 2).reshape(b, n, c)
+    return self.proj_drop(self.proj(out))
+
+
+def _attention_modules(network):
+    return [m for m in network.modules()
+            if hasattr(m, "use_flash_attention") and hasattr(m, "relative_position_bias_table") and hasattr(m, "qkv")]
+
+
+@contextlib.contextmanager
+def cached_window_attention(network, enabled: bool = True) -> Iterator[int]:
+    """While open, ``network``'s MONAI window attentions that use the fused kernel run with
+    a cached bias and a memoised shift mask; yields how many modules that is. Everything
+    cached is freed on exit (a warm engine keeps no attention tensors between runs)."""
+    modules = [m for m in _attention_modules(network) if m.use_flash_attention] if enabled and network is not None else []
+    if not modules:
+        yield 0
+        return
+    with _mask_memo():
+        for m in modules:
+            m._swinunetr_segment_biases = {}
+            m.forward = types.MethodType(_cached_forward, m)
+        try:
+            yield len(modules)
+        finally:
+            for m in modules:
+                m.__dict__.pop("forward", None)
+                m.__dict__.pop("_swinunetr_segment_biases", None)

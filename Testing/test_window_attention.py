@@ -1,0 +1,97 @@
+"""The cached shifted-window attention (SwinUNETRSegmentLib/window_attention.py): the same
+output as MONAI's fused attention bit for bit, nothing left behind after a run, training
+untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_card
+
+from SwinUNETRSegmentLib import fastpath as fp
+from SwinUNETRSegmentLib.engine import Segmenter
+from SwinUNETRSegmentLib.fastpath import FastPath
+from SwinUNETRSegmentLib.swin_unet import SwinUnet
+from SwinUNETRSegmentLib.window_attention import cached_window_attention
+from test_fastpath import body_volume
+
+
+def swinunetr(dtype=torch.float32, feature_size=12):
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(0)
+    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=feature_size).eval().to(dtype)
+    fp.use_fused_attention(net, True)
+    return net
+
+
+def window(batch: int, size: int = 64, dtype=torch.float32):
+    return torch.rand((batch, 1, size, size, size), generator=torch.Generator().manual_seed(batch)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cached_attention_gives_monais_output_bit_for_bit(dtype):
+    """64^3 windows (stage 1: 64 shifted windows of 343 tokens), 1 and 3 per call (the
+    shift mask broadcast over the call's windows), in the dtypes the engine runs in: exactly
+    MONAI's fused attention."""
+    net = swinunetr(dtype)
+    with torch.inference_mode():
+        for batch in (1, 3):
+            x = window(batch, dtype=dtype)
+            monai = net(x)
+            with cached_window_attention(net) as n:
+                assert n == 8  # 4 stages x 2 blocks
+                first = net(x)
+                again = net(x)  # served from the cache
+            assert torch.equal(first, monai) and torch.equal(again, monai), f"{batch} windows per call"
+
+
+def test_nothing_is_left_behind_and_runs_nest():
+    """After the run the modules are MONAI's again (no instance forward, no cached tensors),
+    MONAI's compute_mask is restored, also when two networks' runs nest."""
+    from monai.networks.nets import swin_unetr
+
+    original = swin_unetr.compute_mask
+    a, b = swinunetr(), SwinUnet(in_channels=1, out_channels=3, feature_size=12).eval()
+    fp.use_fused_attention(b, True)
+    with torch.inference_mode(), cached_window_attention(a) as na:
+        with cached_window_attention(b) as nb:
+            assert na == 8 and nb > 0
+            assert swin_unetr.compute_mask is not original
+            b(window(1))
+        assert swin_unetr.compute_mask is not original  # a's run is still open
+        a(window(1))
+    assert swin_unetr.compute_mask is original
+    for net in (a, b):
+        for m in net.modules():
+            assert "forward" not in m.__dict__ and "_swinunetr_segment_biases" not in m.__dict__
+
+
+def test_plain_attention_and_training_are_untouched():
+    """Without fused attention nothing is switched; with autograd on, MONAI's own forward
+    runs (same output, gradients flow)."""
+    net = swinunetr()
+    fp.use_fused_attention(net, False)
+    with cached_window_attention(net) as n:
+        assert n == 0
+    fp.use_fused_attention(net, True)
+    x = window(1)
+    ref = net(x).detach()  # autograd on: MONAI's plain attention
+    with cached_window_attention(net):
+        out = net(x)
+        out.sum().backward()
+    assert torch.equal(out.detach(), ref)
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_engine_labels_unchanged_by_the_cached_attention(tiny_checkpoint):
+    """Through the engine (float32, two windows per call): the same labels with the cache
+    on and off, and the stats say how many attention modules it served."""
+    card = tiny_card(spacing=(4.0, 4.0, 4.0))
+    vol, _, _ = body_volume(("3mm", (3.0, 3.0, 3.0), np.eye(3), (0.0, 0.0, 0.0)), fov_mm=120.0)
+    on = Segmenter(card, tiny_checkpoint, device="cpu", fast=FastPath(precision="float32", cpu_batch=2)).segment(vol)
+    off = Segmenter(card, tiny_checkpoint, device="cpu",
+                    fast=FastPath(precision="float32", cpu_batch=2, cached_attention=False)).segment(vol)
+    assert on.stats["attention_cached"] == 8 and off.stats["attention_cached"] == 0
+    assert np.array_equal(on.labels.array, off.labels.array)
