@@ -40,6 +40,7 @@ from .errors import CancelledError, UserError
 from .fastpath import FastPath, Prepared, count_windows  # noqa: F401 - count_windows is part of the engine API
 from .geometry import Volume
 from .progress import ProgressCallback, ProgressTracker
+from .pointwise_convs import pointwise_as_matmul
 from .window_attention import cached_window_attention
 
 log = logging.getLogger(__name__)
@@ -389,8 +390,11 @@ class Segmenter:
                 hooks = fp.cancel_checks(self._network, check_cancel, enabled=batch > 1 and not fast.compile)
                 amp = contextlib.nullcontext() if self._dtype != torch.float32 else fp.autocast(self.device, fast.precision)
                 attention = cached_window_attention(self._network, fast.cached_attention and not fast.compile)
-                with torch.inference_mode(), amp, hooks, attention as cached_modules:
+                pointwise = pointwise_as_matmul(self._network, fast.pointwise_matmul and self.device.type == "cpu"
+                                                and not fast.compile)
+                with torch.inference_mode(), amp, hooks, attention as cached_modules, pointwise as matmul_modules:
                     stats["attention_cached"] = cached_modules
+                    stats["pointwise_matmul"] = matmul_modules
                     return sliding_window_inference(
                         x, roi_size=roi, sw_batch_size=batch, predictor=predictor,
                         overlap=self.overlap, mode=self.card.blend_mode, sw_device=self.device,
