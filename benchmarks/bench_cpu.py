@@ -54,6 +54,10 @@ VARIANTS = {
     "labels": {"resample": "labels"},
     "probabilities": {"resample": "probabilities"},
     "compiled": {"compile": True},
+    "no-attn-cache": {"cached_attention": False},
+    "no-pointwise": {"pointwise_matmul": False},
+    # the engine as session 2 left it (before the cached attention and the channel products)
+    "session2": {"cached_attention": False, "pointwise_matmul": False},
 }
 
 
