@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Seconds per sliding window: the network as the reference runs it against each step of
+the engine's fast path, in one process, side by side.
+
+The reference (MONAI model-zoo swin_unetr_btcv_segmentation) calls a float32 SwinUNETR on
+four 96^3 windows at a time with MONAI's plain window attention. The engine's steps, each
+on top of the previous one (``SwinUNETRSegmentLib.fastpath``):
+
+* ``bf16``: bfloat16 weights and windows (CPUs with native bfloat16), two windows per call;
+* ``+fused``: window attention through ``scaled_dot_product_attention``;
+* ``+cached``: the shift mask and position bias built once (``window_attention``);
+* ``+pointwise``: 1x1x1 and 2x2x2 transposed convolutions as channel products
+  (``pointwise_convs``): the engine's default.
+
+For each it prints the median over ``--repeats`` calls (after one warm-up call) of the
+seconds per window, the ratio to the reference, and the largest difference of its logits
+from the float32 reference's on the same windows, with the share of voxels whose argmax
+agrees (seeded random weights: agreement here is a worst case, trained weights have
+wider margins). ``--quick`` is a smoke run (feature_size 12, 64^3).
+
+    ./dev python benchmarks/bench_network.py                 # feature_size 48, 96^3, ~5 min on 2 cores
+    ./dev python benchmarks/bench_network.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "SwinUNETRSegment"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="feature_size 12, 64^3 windows, 2 repeats")
+    p.add_argument("--feature-size", type=int, default=None)
+    p.add_argument("--roi", type=int, default=None, help="window edge in voxels (96 by default, 64 with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per configuration (3; 2 with --quick)")
+    args = p.parse_args(argv)
+
+    import contextlib
+    import copy
+
+    import torch
+    from monai.networks.nets import SwinUNETR
+
+    from SwinUNETRSegmentLib import fastpath as fp
+    from SwinUNETRSegmentLib.pointwise_convs import pointwise_as_matmul
+    from SwinUNETRSegmentLib.window_attention import cached_window_attention
+
+    fs = args.feature_size or (12 if args.quick else 48)
+    roi = args.roi or (64 if args.quick else 96)
+    repeats = args.repeats or (2 if args.quick else 3)
+    threads = fp.configure_threads("auto")
+    torch.manual_seed(0)
+    reference = SwinUNETR(in_channels=1, out_channels=14, feature_size=fs).eval()
+    windows = torch.rand((4, 1, roi, roi, roi), generator=torch.Generator().manual_seed(1))
+    bf16 = fp.cpu_has_native_bf16()
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  threads {threads}  feature_size {fs}  "
+          f"window {roi}^3  native bfloat16: {bf16}  repeats {repeats}", flush=True)
+
+    def timed(net, x, contexts=()):
+        times = []
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            for make in contexts:
+                stack.enter_context(make(net))
+            out = net(x)  # warm-up (and, with the caches, their one-time build)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                net(x)
+                times.append((time.perf_counter() - t) / x.shape[0])
+        return statistics.median(times), out.float()
+
+    ref_s, ref_out = timed(reference, windows)
+    ref_labels = ref_out.argmax(1)
+    rows = [("reference: float32, 4 per call, plain attention", ref_s, 0.0, 1.0)]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    steps = [
+        (f"{'bf16' if bf16 else 'float32 (no native bf16)'}, 2 per call", False, ()),
+        ("+ fused attention", True, ()),
+        ("+ cached mask and bias", True, (cached_window_attention,)),
+        ("+ channel products (engine default)", True, (cached_window_attention, pointwise_as_matmul)),
+    ]
+    net = copy.deepcopy(reference).to(dtype)
+    for name, fused, contexts in steps:
+        fp.use_fused_attention(net, fused)
+        outs = []
+        seconds = []
+        for half in (windows[:2], windows[2:]):
+            s, o = timed(net, half.to(dtype), contexts)
+            seconds.append(s)
+            outs.append(o)
+        out = torch.cat(outs)
+        rows.append((name, statistics.mean(seconds), float((out - ref_out).abs().max()),
+                     float((out.argmax(1) == ref_labels).float().mean())))
+    print(f"\n{'network as run':52s} {'s/window':>9} {'x ref':>6} {'max |logit diff|':>17} {'argmax agrees':>14}")
+    for name, s, diff, agree in rows:
+        print(f"{name:52s} {s:9.2f} {ref_s / s:6.2f} {diff:17.4f} {agree:14.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
