@@ -52,15 +52,18 @@ Pieces, and what each may change in the answer:
   reference's bilinear ``Invertd`` + argmax computes, without a full-resolution float copy
   of the 14 channels. ``"labels"``: argmax in model space, nearest-neighbour labels back
   (the cheapest; boundaries move by up to half a model voxel).
-* **cpu_batch**: windows per network call on the CPU. A SwinUNETR runs two windows in one
-  call about 1.2 x faster than one after the other (feature_size 48, bfloat16; four: 1.25 x
-  for three times the memory of two), so "auto" gives it two (never more than the card's
-  sw_batch_size); other networks (stand-ins) get one. Cancel is checked inside the network between its blocks, so it still acts
-  within one window. Changes the answer by float rounding only.
+* **cpu_batch**: windows per network call on the CPU. "auto" gives a SwinUNETR two (never
+  more than the card's sw_batch_size) and other networks (stand-ins) one. Before the cached
+  attention, two windows per call ran about 1.2 x faster than one (feature_size 48,
+  bfloat16); with it, one, two and four per call cost the same per window (3.1, 3.1,
+  3.2 s; peak RSS 1.6, 2.2, 3.2 GB), so a caller short of memory may set 1. Cancel is
+  checked inside the network between its blocks, so it still acts within one window.
+  Changes the answer by float rounding only.
 * **gpu_stitching**: on CUDA the stitching buffer lives on the GPU; on out-of-memory the
   engine falls back to CPU stitching, then to smaller window batches (a log line each).
-* **compile**: ``torch.compile`` of the network. Off by default: its one-time cost (minutes
-  on a laptop CPU) is in the way of a first run; see benchmarks/README.md.
+* **compile**: ``torch.compile`` of the network. Off by default: on 2 CPU cores it took
+  167 s to compile a feature_size-48 SwinUNETR and the compiled calls were no faster
+  (8.3-9.0 s against eager 7.8-8.0 s per two 96^3 windows; benchmarks/README.md).
 * **cache_preprocessed**: a second segmentation of the same voxels and grid reuses the
   model-space tensor (the key is a hash of the voxels, so an edited volume is redone).
 """
