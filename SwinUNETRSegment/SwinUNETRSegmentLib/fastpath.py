@@ -19,12 +19,13 @@ Pieces, and what each may change in the answer:
 * **cached_attention**: with fused attention, the shifted windows' attention mask and the
   relative position bias are built once per segmentation and broadcast over a call's
   windows, where MONAI rebuilds, expands and copies them on every call
-  (:mod:`.window_attention`): 1.12 x faster per window at feature_size 48 (bfloat16, 96^3,
-  two windows per call), 1.4 x at feature_size 12 (64^3). Outputs bit for bit MONAI's.
+  (:mod:`.window_attention`): 1.18 x faster per window at feature_size 48 (bfloat16, 96^3,
+  two windows per call), 1.75 x at feature_size 12 (64^3; benchmarks/bench_network.py).
+  Outputs bit for bit MONAI's.
 * **pointwise_matmul**: on the CPU the 1x1x1 convolutions and the 2x2x2 stride-2
   transposed convolutions of the decoder run as one matrix product over the channels
   instead of through oneDNN's NCDHW path, which reorders the activations around every call
-  (:mod:`.pointwise_convs`): 1.12 x per window at feature_size 48 (bfloat16, 96^3). The same
+  (:mod:`.pointwise_convs`): 1.15 x per window at feature_size 48 (bfloat16, 96^3). The same
   sums; outputs equal bit for bit except where a large product's blocking changes the
   summation order (one rounding step).
 * **threads**: torch's intra-op thread count from the physical cores this process may use

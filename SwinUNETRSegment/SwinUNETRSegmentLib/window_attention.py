@@ -6,7 +6,7 @@ bias plus the shift mask, both reshaped to ``(batch * windows, heads, n, n)``; a
 ``BasicLayer`` recomputes the shift mask (``compute_mask``) on every forward. In stage 1
 of a 96^3 window that is a ``(343 * batch, heads, 343, 343)`` float32 tensor, added,
 expanded, copied and cast per call. Measured on 2 CPU cores, feature_size 48, two windows
-in bfloat16: about one second of an 8 s call went to building these tensors, whose values
+in bfloat16: about 0.8 s of an 8 s call went to building these tensors, whose values
 never change while the weights and the window size stay the same
 (benchmarks/README.md).
 
