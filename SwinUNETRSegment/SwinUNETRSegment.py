@@ -14,7 +14,7 @@ from slicer.parameterNodeWrapper import (
     WithinRange,
 )
 
-from SwinUNETRSegmentLib.catalog import DEFAULT_MODEL, card_of, download, model_names
+from SwinUNETRSegmentLib.models.catalog import DEFAULT_MODEL, card_of, download, model_names
 from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentLib.merge import MergePolicy, summarize
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SwinUNETRSegmentLib import cards
+from SwinUNETRSegmentLib.models import cards
 from SwinUNETRSegmentLib.geometry import Volume
 
 
@@ -49,7 +49,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """Seeded random weights for the tiny card (what matters here is geometry, not accuracy)."""
     import torch
 
-    from SwinUNETRSegmentLib.checkpoint import build_network
+    from SwinUNETRSegmentLib.models.checkpoint import build_network
 
     torch.manual_seed(0)
     net = build_network(tiny_card())
@@ -94,7 +94,7 @@ def grid_volume(spacing, direction, origin, shape=(23, 19, 17), seed=0, dtype=np
 
 def _cache_dir() -> Path:
     """The demo's sample-data cache (so CI downloads the archive once), unless SWINUNETR_TEST_CACHE is set."""
-    from SwinUNETRSegmentLib.sampledata import cache_dir
+    from SwinUNETRSegmentLib.fileio.sampledata import cache_dir
 
     return Path(os.environ.get("SWINUNETR_TEST_CACHE") or cache_dir())
 
@@ -103,7 +103,7 @@ def _cache_dir() -> Path:
 def reference_files() -> Path:
     """tests/reference_files of the totalsegmentator source archive (real CT), fetched once."""
     from SwinUNETRSegmentLib.errors import UserError
-    from SwinUNETRSegmentLib.sampledata import reference_files as fetch
+    from SwinUNETRSegmentLib.fileio.sampledata import reference_files as fetch
 
     try:
         return fetch(_cache_dir())

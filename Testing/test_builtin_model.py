@@ -2,15 +2,16 @@
 real example CT as its card says."""
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.fileio.read import read_volume
 
 import numpy as np
 import pytest
 
-from SwinUNETRSegmentLib import catalog, imageio
-from SwinUNETRSegmentLib.engine import Segmenter
+from SwinUNETRSegmentLib.models import catalog
+from SwinUNETRSegmentLib.inference.engine import Segmenter
 from SwinUNETRSegmentLib.errors import UserError
-from SwinUNETRSegmentLib.sampledata import TOTALSEG_TO_BTCV
-from SwinUNETRSegmentLib.training import dice_per_label
+from SwinUNETRSegmentLib.fileio.sampledata import TOTALSEG_TO_BTCV
+from SwinUNETRSegmentLib.training.supervised import dice_per_label
 
 
 def test_default_model_is_bundled_small_and_verified():
@@ -38,8 +39,8 @@ def test_tampered_bundled_weights_are_not_run(tmp_path, monkeypatch):
 @pytest.mark.network
 def test_reaches_the_dice_in_its_card_on_the_example_ct(reference_files):
     card, weights = catalog.resolve_model("demo")
-    ct, _ = imageio.read_volume(reference_files / "example_ct.nii.gz")
-    ts, _ = imageio.read_volume(reference_files / "example_seg_fast_force_split.nii.gz")
+    ct, _ = read_volume(reference_files / "example_ct.nii.gz")
+    ts, _ = read_volume(reference_files / "example_seg_fast_force_split.nii.gz")
     lut = np.zeros(256, np.uint8)
     for k, v in TOTALSEG_TO_BTCV.items():
         lut[k] = v
@@ -72,9 +73,9 @@ def test_the_demo_training_inputs_are_written_as_its_card_records(tmp_path, refe
     """`write_demo_datalist` recreates what the recorded training command reads: the three
     image/label pairs whose SHA256s the card holds, the label map, and a weightless base card
     of the same network."""
-    from SwinUNETRSegmentLib import sampledata
-    from SwinUNETRSegmentLib.cards import load_card
-    from SwinUNETRSegmentLib.training import _sha256, load_datalist
+    from SwinUNETRSegmentLib.fileio import sampledata
+    from SwinUNETRSegmentLib.models.cards import load_card
+    from SwinUNETRSegmentLib.training.supervised import _sha256, load_datalist
 
     datalist, label_map = sampledata.write_demo_datalist(tmp_path, cache=reference_files.parents[2])
     train, _ = load_datalist(str(datalist))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import tiny_card
 
-from SwinUNETRSegmentLib import catalog
-from SwinUNETRSegmentLib.bundle import card_from_bundle, import_bundle
-from SwinUNETRSegmentLib.checkpoint import build_network
+from SwinUNETRSegmentLib.models import catalog
+from SwinUNETRSegmentLib.models.bundle import card_from_bundle, import_bundle
+from SwinUNETRSegmentLib.models.checkpoint import build_network
 from SwinUNETRSegmentLib.cli import main
 from SwinUNETRSegmentLib.errors import UserError
 

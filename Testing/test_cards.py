@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from SwinUNETRSegmentLib.cards import builtin_card_names, card_from_dict, load_card
+from SwinUNETRSegmentLib.models.cards import builtin_card_names, card_from_dict, load_card
 from SwinUNETRSegmentLib.errors import UserError
 
 BTCV_ORGANS = [

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from SwinUNETRSegmentLib import catalog
-from SwinUNETRSegmentLib.cards import load_card
+from SwinUNETRSegmentLib.models import catalog
+from SwinUNETRSegmentLib.models.cards import load_card
 from SwinUNETRSegmentLib.cli import main
 from SwinUNETRSegmentLib.errors import UserError
 

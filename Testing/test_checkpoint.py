@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_card
 
-from SwinUNETRSegmentLib.checkpoint import build_network, load_model, read_state_dict
+from SwinUNETRSegmentLib.models.checkpoint import build_network, load_model, read_state_dict
 from SwinUNETRSegmentLib.errors import UserError
 
 

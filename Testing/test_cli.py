@@ -2,6 +2,7 @@
 input gets one actionable line, exit code 2, no traceback and no output file."""
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.fileio.read import read_volume
 
 import os
 import shutil
@@ -14,7 +15,6 @@ import pytest
 from conftest import grid_volume, make_affine
 from helpers import write_dicom_series, write_nifti
 
-from SwinUNETRSegmentLib import imageio
 from SwinUNETRSegmentLib.cli import main
 from SwinUNETRSegmentLib.geometry import Volume
 
@@ -84,20 +84,20 @@ def test_two_series_choose_one(capsys, tmp_path):
     b = grid_volume((1.0, 1.0, 2.0), np.eye(3), (0, 0, 0), shape=(8, 8, 4), seed=2)
     write_dicom_series(a, folder, series_uid="1.2.3.4.5.1")
     write_dicom_series(b, folder, series_uid="1.2.3.4.5.2")
-    vol, _ = imageio.read_volume(folder, series_uid="1.2.3.4.5.2")
+    vol, _ = read_volume(folder, series_uid="1.2.3.4.5.2")
     np.testing.assert_array_equal(vol.array, b.array)
 
 
 def test_series_in_a_subfolder_is_found(tmp_path):
     vol = grid_volume((0.8, 0.8, 3.0), np.eye(3), (1, 2, 3), shape=(8, 9, 5))
     write_dicom_series(vol, tmp_path / "export" / "PAT1" / "ST1" / "SE3", modality="MR")
-    back, info = imageio.read_volume(tmp_path / "export")
+    back, info = read_volume(tmp_path / "export")
     np.testing.assert_array_equal(back.array, vol.array)
     assert info.modality == "MR"
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
-    from SwinUNETRSegmentLib.cli import _progress_printer
+    from SwinUNETRSegmentLib.cli.app import _progress_printer
 
     class Pipe:
         def isatty(self):
@@ -296,7 +296,7 @@ def test_synthetic_oblique_scan_all_outputs(capsys, tmp_path, model_args):
     assert rc == 0, err
     assert out.split() == [str(outs[0]), str(outs[1]), str(tmp_path / "r.csv"), str(png)]
     for o in outs:
-        back, _ = imageio.read_volume(o)
+        back, _ = read_volume(o)
         assert back.shape == vol.shape
         np.testing.assert_allclose(back.ijk_to_ras, vol.ijk_to_ras, atol=1e-5)
     with Image.open(png) as im:
@@ -306,9 +306,9 @@ def test_synthetic_oblique_scan_all_outputs(capsys, tmp_path, model_args):
 def test_precision_float32_gives_the_same_labels_as_the_engine_in_float32(capsys, tmp_path, model_args):
     """--precision float32 is the reference-exact setting: the CLI's label map equals the
     engine's float32 answer voxel for voxel; a precision it does not know is refused."""
-    from SwinUNETRSegmentLib.cards import load_card
-    from SwinUNETRSegmentLib.engine import Segmenter
-    from SwinUNETRSegmentLib.fastpath import FastPath
+    from SwinUNETRSegmentLib.models.cards import load_card
+    from SwinUNETRSegmentLib.inference.engine import Segmenter
+    from SwinUNETRSegmentLib.inference.options import FastPath
 
     arr = np.full((40, 36, 20), -1000, np.int16)
     arr[6:34, 5:30, 3:17] = 60
@@ -318,7 +318,7 @@ def test_precision_float32_gives_the_same_labels_as_the_engine_in_float32(capsys
     out = tmp_path / "f32.nii.gz"
     rc, _, err = run_main(capsys, ["-i", scan, "-o", out, "--precision", "float32", *model_args])
     assert rc == 0, err
-    back, _ = imageio.read_volume(out)
+    back, _ = read_volume(out)
     card = load_card(model_args[1])
     direct = Segmenter(card, model_args[3], device="cpu", fast=FastPath(precision="float32")).segment(vol)
     np.testing.assert_array_equal(back.array, direct.labels.array)
@@ -330,9 +330,9 @@ def test_precision_float32_gives_the_same_labels_as_the_engine_in_float32(capsys
 def test_real_ct_nifti_end_to_end(tmp_path, reference_files, tiny_card_file, tiny_checkpoint):
     """The console script on the real example CT: output grid == input grid, Slicer names and colours."""
     import nibabel as nib
-    from SwinUNETRSegmentLib import segio as slicerio
+    from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
 
-    from SwinUNETRSegmentLib.cards import card_from_dict
+    from SwinUNETRSegmentLib.models.cards import card_from_dict
 
     ct = reference_files / "example_ct.nii.gz"
     out, png = tmp_path / "ct.seg.nrrd", tmp_path / "ct.png"
@@ -356,7 +356,7 @@ def test_real_ct_nifti_end_to_end(tmp_path, reference_files, tiny_card_file, tin
 def test_real_ct_dicom_jpeg2000_end_to_end(tmp_path, reference_files, tiny_card_file, tiny_checkpoint):
     """The real JPEG 2000 DICOM series (blank UIDs): output on the series' own grid."""
     import SimpleITK as sitk
-    from SwinUNETRSegmentLib import segio as slicerio
+    from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
 
     folder = reference_files / "example_ct_dicom"
     out = tmp_path / "dcm.seg.nrrd"
@@ -378,7 +378,7 @@ def test_real_ct_dicom_jpeg2000_end_to_end(tmp_path, reference_files, tiny_card_
     import nibabel as nib
     from helpers import physical_match
 
-    ours, _ = imageio.read_volume(nii)
+    ours, _ = read_volume(nii)
     theirs = nib.load(str(reference_files / "example_seg_dicom.nii.gz"))
     grid_of_theirs = Volume(np.zeros(theirs.shape, np.uint8), theirs.affine)
     assert physical_match(ours.with_array(np.zeros(ours.shape, np.uint8)), grid_of_theirs)
@@ -401,5 +401,5 @@ def test_folder_of_scans_to_a_folder(capsys, tmp_path, model_args):
     assert "flat.nii.gz" in err and "2D image" in err and "1 of 3 scans failed" in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["a.seg.nrrd", "b_series.seg.nrrd"]
     for name, src in (("a", scans / "a.nii.gz"), ("b_series", scans / "b_series")):
-        back, _ = imageio.read_volume(out / f"{name}.seg.nrrd")
-        assert back.same_grid(imageio.read_volume(src)[0])
+        back, _ = read_volume(out / f"{name}.seg.nrrd")
+        assert back.same_grid(read_volume(src)[0])

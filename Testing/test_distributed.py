@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_card
 
-from SwinUNETRSegmentLib.cards import load_card
-from SwinUNETRSegmentLib.checkpoint import load_model
+from SwinUNETRSegmentLib.models.cards import load_card
+from SwinUNETRSegmentLib.models.checkpoint import load_model
 
 
 @pytest.mark.network
@@ -52,8 +52,8 @@ def test_torchrun_two_cpu_processes_train(tmp_path, reference_files):
 def test_torchrun_two_cpu_processes_pretrain(tmp_path, reference_files):
     import torch
 
-    from SwinUNETRSegmentLib.checkpoint import build_network
-    from SwinUNETRSegmentLib.pretrain import load_encoder_weights
+    from SwinUNETRSegmentLib.models.checkpoint import build_network
+    from SwinUNETRSegmentLib.training.ssl.pretrain import load_encoder_weights
 
     torchrun = Path(sys.executable).with_name("torchrun")
     cli = Path(sys.executable).with_name("swinunetr-segment")

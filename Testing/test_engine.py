@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import GRIDS, make_affine, tiny_card
 
-from SwinUNETRSegmentLib import checkpoint as ckpt
-from SwinUNETRSegmentLib.engine import Segmenter, count_windows, resolve_device
+from SwinUNETRSegmentLib.models import checkpoint as ckpt
+from SwinUNETRSegmentLib.inference.engine import Segmenter, count_windows, resolve_device
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
 from SwinUNETRSegmentLib.geometry import Volume
 

@@ -10,6 +10,11 @@ geometry stays exact on every test grid.
 """
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.inference import engine as engine_module, resample as resample_module
+from SwinUNETRSegmentLib.inference.windows import air_window_starts, body_box, scan_interval
+from SwinUNETRSegmentLib.inference.devices import autocast_dtype, configure_threads, cpu_has_native_bf16, inference_plans, physical_cores, run_with_fallback
+from SwinUNETRSegmentLib.inference.network import cpu_windows_per_call, is_swin, use_fused_attention
+from SwinUNETRSegmentLib.inference.resample import resample_argmax, resample_probabilities
 
 import logging
 import os
@@ -23,10 +28,10 @@ import pytest
 import torch
 from conftest import GRIDS, make_affine, tiny_card
 
-from SwinUNETRSegmentLib import fastpath as fp
-from SwinUNETRSegmentLib.engine import Segmenter, count_windows
+from SwinUNETRSegmentLib.inference.engine import Segmenter, count_windows
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
-from SwinUNETRSegmentLib.fastpath import FastPath, Plan
+from SwinUNETRSegmentLib.inference.options import FastPath
+from SwinUNETRSegmentLib.inference.devices import Plan
 from SwinUNETRSegmentLib.geometry import Volume
 
 LIVER, SPLEEN = 6, 1
@@ -166,16 +171,16 @@ def test_crop_to_body_changes_nothing_for_a_voxelwise_network(grid):
 def test_body_box_snaps_to_the_window_grid():
     air = torch.ones((200, 150, 100), dtype=torch.bool)
     air[70:130, 40:90, 10:60] = False
-    box = fp.body_box(air, (64, 64, 64), 0.5)
+    box = body_box(air, (64, 64, 64), 0.5)
     assert [(s.start, s.stop) for s in box] == [(64, 130), (32, 96), (0, 64)]
     # Whole image or no body: no box.
-    assert fp.body_box(torch.zeros((80, 80, 80), dtype=torch.bool), (64, 64, 64), 0.5) is None
-    assert fp.body_box(torch.ones((80, 80, 80), dtype=torch.bool), (64, 64, 64), 0.5) is None
+    assert body_box(torch.zeros((80, 80, 80), dtype=torch.bool), (64, 64, 64), 0.5) is None
+    assert body_box(torch.ones((80, 80, 80), dtype=torch.bool), (64, 64, 64), 0.5) is None
     # A box that saves no window is not worth moving the windows for (the real example CT:
     # its body fills the field of view but for a few air planes at the back).
     air = torch.ones((122, 101, 112), dtype=torch.bool)
     air[:, :97, :] = False
-    assert fp.body_box(air, (64, 64, 64), 0.25) is None
+    assert body_box(air, (64, 64, 64), 0.25) is None
 
 
 def test_air_window_starts_match_a_direct_check():
@@ -185,14 +190,14 @@ def test_air_window_starts_match_a_direct_check():
     air = torch.rand((70, 50, 20), generator=g) > 0.002  # mostly air, a few body voxels
     air[:, :, :] &= torch.ones_like(air)
     roi = (32, 32, 32)
-    starts = fp.air_window_starts(air, roi, 0.5, pad_is_air=True)
+    starts = air_window_starts(air, roi, 0.5, pad_is_air=True)
     padded = torch.ones((70, 50, 32), dtype=torch.bool)
     padded[:, :, 6:26] = air  # MONAI pads 12 before and after along the short axis
     size = list(padded.shape)
-    direct = {tuple(s.start for s in sl) for sl in dense_patch_slices(size, list(roi), fp.scan_interval(size, roi, 0.5))
+    direct = {tuple(s.start for s in sl) for sl in dense_patch_slices(size, list(roi), scan_interval(size, roi, 0.5))
               if bool(padded[sl].all())}
     assert starts == direct
-    assert fp.air_window_starts(air, roi, 0.5, pad_is_air=False) == set()
+    assert air_window_starts(air, roi, 0.5, pad_is_air=False) == set()
 
 
 # ---- back to the input grid ----------------------------------------------------------------
@@ -227,7 +232,7 @@ def _invertd_case(grid, shape=(37, 29, 23)):
 def test_probability_resampling_equals_monai_invertd(grid):
     """Slab by slab gives exactly the labels of the reference's Invertd(bilinear) + argmax."""
     vol, img, probs, reference = _invertd_case(grid)
-    ours = fp.resample_probabilities(probs, img.affine.numpy(), vol.shape, vol.ijk_to_ras, slab_voxels=700)
+    ours = resample_probabilities(probs, img.affine.numpy(), vol.shape, vol.ijk_to_ras, slab_voxels=700)
     np.testing.assert_array_equal(ours, reference)
 
 
@@ -238,7 +243,7 @@ def test_boundary_resampling_equals_monai_invertd(grid):
     from logits rather than probabilities."""
     vol, img, probs, reference = _invertd_case(grid)
     logits = torch.log(probs) + 3.0  # any per-voxel shift: softmax undoes it
-    ours = fp.resample_argmax(logits, img.affine.numpy(), vol.shape, vol.ijk_to_ras, slab_voxels=700)
+    ours = resample_argmax(logits, img.affine.numpy(), vol.shape, vol.ijk_to_ras, slab_voxels=700)
     assert len(np.unique(reference)) > 3  # boundaries to get right, not one label everywhere
     mismatch = int((ours != reference).sum())
     assert mismatch <= max(1, reference.size // 20000), f"{mismatch} voxels differ"  # float rounding at exact ties only
@@ -251,15 +256,15 @@ def test_boundary_resampling_equals_probability_resampling(outside, dense, monke
     beyond model space (both ways of treating the outside) and with noisy logits, where
     nearly every cell holds a boundary; both ways a slab can go (boundary voxels only, or
     every voxel interpolated when boundaries are dense)."""
-    monkeypatch.setattr(fp, "DENSE_BOUNDARIES", dense)
+    monkeypatch.setattr(resample_module, "DENSE_BOUNDARIES", dense)
     g = torch.Generator().manual_seed(3)
     for logits in (torch.log(_smooth_probs((19, 17, 13), classes=5)), torch.randn((4, 9, 8, 7), generator=g)):
         src = make_affine((2.5, 2.0, 3.0), np.eye(3), (4.0, -3.0, 2.0))
         c, s_ = np.cos(0.4), np.sin(0.4)
         dst = make_affine((0.9, 1.1, 1.3), np.array([[c, -s_, 0], [s_, c, 0], [0, 0, 1.0]]), (-6.0, -8.0, -5.0))
         shape = (70, 60, 50)
-        expected = fp.resample_probabilities(torch.softmax(logits, 0), src, shape, dst, outside=outside)
-        ours = fp.resample_argmax(logits, src, shape, dst, outside=outside, slab_voxels=5000)
+        expected = resample_probabilities(torch.softmax(logits, 0), src, shape, dst, outside=outside)
+        ours = resample_argmax(logits, src, shape, dst, outside=outside, slab_voxels=5000)
         assert (ours != expected).sum() <= 2
         assert len(np.unique(expected)) == logits.shape[0]
 
@@ -270,7 +275,7 @@ def test_probability_resampling_outside_a_crop_is_background():
     src = np.diag([2.0, 2.0, 2.0, 1.0])
     src[:3, 3] = 20.0  # the crop covers 20..38 mm
     dst = np.eye(4)
-    labels = fp.resample_probabilities(probs, src, (60, 60, 60), dst, outside="background")
+    labels = resample_probabilities(probs, src, (60, 60, 60), dst, outside="background")
     inside = np.zeros((60, 60, 60), bool)
     inside[20:39, 20:39, 20:39] = True
     assert (labels[inside] == 2).all()
@@ -295,11 +300,11 @@ def test_nearest_labels_way_back_with_the_crop_equals_the_plain_path(grid):
 # ---- precision and threads -----------------------------------------------------------------
 def test_autocast_choice():
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
-    assert fp.autocast_dtype(cpu, "float32") is None
-    assert fp.autocast_dtype(cpu, "bfloat16") == torch.bfloat16
-    assert fp.autocast_dtype(cuda, "auto") == torch.float16
-    assert fp.autocast_dtype(mps, "auto") is None
-    assert fp.autocast_dtype(cpu, "auto") == (torch.bfloat16 if fp.cpu_has_native_bf16() else None)
+    assert autocast_dtype(cpu, "float32") is None
+    assert autocast_dtype(cpu, "bfloat16") == torch.bfloat16
+    assert autocast_dtype(cuda, "auto") == torch.float16
+    assert autocast_dtype(mps, "auto") is None
+    assert autocast_dtype(cpu, "auto") == (torch.bfloat16 if cpu_has_native_bf16() else None)
     with pytest.raises(UserError, match="precision"):
         FastPath(precision="float8")
     with pytest.raises(UserError, match="resample"):
@@ -323,7 +328,7 @@ def test_bfloat16_weights_and_autocast_agree_and_a_callers_network_is_left_alone
     """With bfloat16 the SwinUNETR runs with bfloat16 weights (no autocast) on CPUs that
     have it: labels within 2 % of float32 like autocast, and a network the caller handed in
     keeps its float32 weights (the engine casts a copy)."""
-    from SwinUNETRSegmentLib.checkpoint import load_model
+    from SwinUNETRSegmentLib.models.checkpoint import load_model
 
     card = tiny_card(spacing=(4.0, 4.0, 4.0))
     vol, _, _ = body_volume(("3mm", (3.0, 3.0, 3.0), np.eye(3), (0.0, 0.0, 0.0)), fov_mm=120.0)
@@ -333,7 +338,7 @@ def test_bfloat16_weights_and_autocast_agree_and_a_callers_network_is_left_alone
     amp = Segmenter(card, network=theirs, device="cpu", fast=FastPath(precision="bfloat16", bf16_weights=False)).segment(vol)
     assert next(theirs.parameters()).dtype == torch.float32
     assert f32.stats["weights"] == "float32" and amp.stats["weights"] == "float32"
-    assert weights.stats["weights"] == ("bfloat16" if fp.cpu_has_native_bf16() else "float32")
+    assert weights.stats["weights"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
     assert (f32.labels.array == weights.labels.array).mean() >= 0.98
     assert (f32.labels.array == amp.labels.array).mean() >= 0.98
 
@@ -342,44 +347,44 @@ def test_fused_window_attention_gives_the_same_output(tiny_checkpoint):
     """MONAI's window attention through scaled_dot_product_attention: switched on in every
     Swin block, same logits as the plain attention to float rounding, shifted windows
     (masks) included."""
-    from SwinUNETRSegmentLib.checkpoint import load_model
+    from SwinUNETRSegmentLib.models.checkpoint import load_model
 
     net = load_model(tiny_card(), tiny_checkpoint).eval()
     x = torch.rand((1, 1, 64, 64, 64), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        assert fp.use_fused_attention(net, False) == 8  # 4 stages x 2 blocks
+        assert use_fused_attention(net, False) == 8  # 4 stages x 2 blocks
         plain = net(x)
-        assert fp.use_fused_attention(net, True) == 8
+        assert use_fused_attention(net, True) == 8
         fused = net(x)
     assert (fused - plain).abs().max().item() < 1e-4
-    assert not fp.is_swin(ThresholdNet()) and fp.is_swin(net)
+    assert not is_swin(ThresholdNet()) and is_swin(net)
 
 
 def test_threads_from_physical_cores(monkeypatch):
-    n = fp.physical_cores()
+    n = physical_cores()
     assert 1 <= n <= (os.cpu_count() or 1)
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
-        assert fp.configure_threads("auto") == n
-        assert fp.configure_threads(1) == 1
+        assert configure_threads("auto") == n
+        assert configure_threads(1) == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert fp.configure_threads("auto") == 1  # the user's setting wins
-        assert fp.configure_threads(None) == torch.get_num_threads()
+        assert configure_threads("auto") == 1  # the user's setting wins
+        assert configure_threads(None) == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 
 
 # ---- windows per call on the CPU ------------------------------------------------------------
 def test_cpu_windows_per_call():
-    from SwinUNETRSegmentLib.checkpoint import build_network
+    from SwinUNETRSegmentLib.models.checkpoint import build_network
 
     swin = build_network(tiny_card())
-    assert fp.cpu_windows_per_call(swin, None, 4) == 2
-    assert fp.cpu_windows_per_call(swin, None, 1) == 1  # never more than the card asks
-    assert fp.cpu_windows_per_call(ThresholdNet(), None) == 1
-    assert fp.cpu_windows_per_call(ThresholdNet(), 3) == 3
+    assert cpu_windows_per_call(swin, None, 4) == 2
+    assert cpu_windows_per_call(swin, None, 1) == 1  # never more than the card asks
+    assert cpu_windows_per_call(ThresholdNet(), None) == 1
+    assert cpu_windows_per_call(ThresholdNet(), 3) == 3
     with pytest.raises(UserError, match="cpu_batch"):
         FastPath(cpu_batch=0)
 
@@ -439,10 +444,10 @@ def _oom():
 
 
 def test_fallback_ladder_order():
-    assert fp.inference_plans(torch.device("cuda:0"), 4) == [Plan("cuda:0", 4), Plan("cpu", 4), Plan("cpu", 2), Plan("cpu", 1)]
-    assert fp.inference_plans(torch.device("cuda:0"), 4, gpu_stitching=False) == [Plan("cpu", 4), Plan("cpu", 2), Plan("cpu", 1)]
-    assert fp.inference_plans(torch.device("cuda:0"), 1) == [Plan("cuda:0", 1), Plan("cpu", 1)]
-    assert fp.inference_plans(torch.device("cpu"), 4) == [Plan("cpu", 4)]
+    assert inference_plans(torch.device("cuda:0"), 4) == [Plan("cuda:0", 4), Plan("cpu", 4), Plan("cpu", 2), Plan("cpu", 1)]
+    assert inference_plans(torch.device("cuda:0"), 4, gpu_stitching=False) == [Plan("cpu", 4), Plan("cpu", 2), Plan("cpu", 1)]
+    assert inference_plans(torch.device("cuda:0"), 1) == [Plan("cuda:0", 1), Plan("cpu", 1)]
+    assert inference_plans(torch.device("cpu"), 4) == [Plan("cpu", 4)]
 
 
 def test_fallbacks_happen_in_order_with_a_log_line(caplog):
@@ -454,9 +459,9 @@ def test_fallbacks_happen_in_order_with_a_log_line(caplog):
             raise _oom()
         return "ok"
 
-    plans = fp.inference_plans(torch.device("cuda:0"), 4)
-    with caplog.at_level(logging.WARNING, logger="SwinUNETRSegmentLib.fastpath"):
-        assert fp.run_with_fallback(plans, attempt, empty_cache=lambda: emptied.append(1)) == "ok"
+    plans = inference_plans(torch.device("cuda:0"), 4)
+    with caplog.at_level(logging.WARNING, logger="SwinUNETRSegmentLib.inference.devices"):
+        assert run_with_fallback(plans, attempt, empty_cache=lambda: emptied.append(1)) == "ok"
     assert tried == plans[:3]
     assert len(emptied) == 2
     lines = [r.getMessage() for r in caplog.records]
@@ -471,13 +476,13 @@ def test_fallback_gives_up_with_advice_and_passes_other_errors():
         raise _oom()
 
     with pytest.raises(UserError, match="out of GPU memory even with stitching on the CPU, 1 window per call.*device cpu"):
-        fp.run_with_fallback(fp.inference_plans(torch.device("cuda:0"), 2), always)
+        run_with_fallback(inference_plans(torch.device("cuda:0"), 2), always)
 
     def broken(plan):
         raise ValueError("not memory")
 
     with pytest.raises(ValueError, match="not memory"):
-        fp.run_with_fallback(fp.inference_plans(torch.device("cuda:0"), 2), broken)
+        run_with_fallback(inference_plans(torch.device("cuda:0"), 2), broken)
 
 
 def test_engine_retries_after_out_of_memory(monkeypatch, caplog):
@@ -494,9 +499,9 @@ def test_engine_retries_after_out_of_memory(monkeypatch, caplog):
                 raise _oom()
             return super().forward(x)
 
-    monkeypatch.setattr(fp, "inference_plans", lambda device, b, gpu=True: [Plan("cpu", 2), Plan("cpu", 1)])
+    monkeypatch.setattr(engine_module, "inference_plans", lambda device, b, gpu=True: [Plan("cpu", 2), Plan("cpu", 1)])
     reports = []
-    with caplog.at_level(logging.WARNING, logger="SwinUNETRSegmentLib.fastpath"):
+    with caplog.at_level(logging.WARNING, logger="SwinUNETRSegmentLib.inference.devices"):
         res = Segmenter(card, network=FlakyNet(), device="cpu").segment(vol, progress=reports.append)
     np.testing.assert_array_equal(res.labels.array, expected)
     assert any("retrying with stitching on the CPU, 1 window per call" in r.getMessage() for r in caplog.records)

@@ -2,14 +2,15 @@
 on oblique, flipped, anisotropic and non-RAS grids."""
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.fileio.read import _itk_image_to_volume, read_volume
+from SwinUNETRSegmentLib.fileio.write import write_segmentation
 
 import numpy as np
 import pytest
 from conftest import GRIDS, grid_volume, make_affine
 from helpers import physical_match, write_dicom_series, write_itk, write_nifti, write_nrrd_ras
 
-from SwinUNETRSegmentLib import imageio
-from SwinUNETRSegmentLib.cards import load_card
+from SwinUNETRSegmentLib.models.cards import load_card
 from SwinUNETRSegmentLib.geometry import Volume
 
 ATOL = 1e-5
@@ -26,7 +27,7 @@ def assert_same(vol: Volume, back: Volume):
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 def test_nifti_round_trip(tmp_path, grid, suffix):
     vol = grid_volume(*grid[1:])
-    back, _ = imageio.read_volume(write_nifti(vol, tmp_path / f"scan{suffix}"))
+    back, _ = read_volume(write_nifti(vol, tmp_path / f"scan{suffix}"))
     assert_same(vol, back)
 
 
@@ -34,21 +35,21 @@ def test_nifti_round_trip(tmp_path, grid, suffix):
 @pytest.mark.parametrize("suffix", [".nrrd", ".nhdr", ".mha", ".mhd"])
 def test_itk_formats_round_trip(tmp_path, grid, suffix):
     vol = grid_volume(*grid[1:])
-    back, _ = imageio.read_volume(write_itk(vol, tmp_path / f"scan{suffix}"))
+    back, _ = read_volume(write_itk(vol, tmp_path / f"scan{suffix}"))
     assert_same(vol, back)
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
 def test_nrrd_in_ras_space_is_converted(tmp_path, grid):
     vol = grid_volume(*grid[1:])
-    back, _ = imageio.read_volume(write_nrrd_ras(vol, tmp_path / "ras.nrrd"))
+    back, _ = read_volume(write_nrrd_ras(vol, tmp_path / "ras.nrrd"))
     assert_same(vol, back)
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
 def test_dicom_series_round_trip(tmp_path, grid):
     vol = grid_volume(*grid[1:], shape=(20, 16, 7))
-    back, info = imageio.read_volume(write_dicom_series(vol, tmp_path / "series"))
+    back, info = read_volume(write_dicom_series(vol, tmp_path / "series"))
     assert info.modality == "CT"
     if np.linalg.det(vol.ijk_to_ras[:3, :3]) * np.linalg.det(np.diag([-1.0, -1.0, 1.0])) > 0:
         # A right-handed LPS grid: DICOM stores it exactly as it is.
@@ -74,7 +75,7 @@ def test_same_physical_point_in_every_format(tmp_path):
         write_dicom_series(vol, tmp_path / "dcm"),
     ]
     for path in paths:
-        back, _ = imageio.read_volume(path)
+        back, _ = read_volume(path)
         ijk = np.unravel_index(int(np.argmax(back.array)), back.shape)
         np.testing.assert_allclose(back.ijk_to_world(ijk)[0], point, atol=ATOL, err_msg=str(path))
         np.testing.assert_allclose(back.world_to_ijk(point)[0], ijk, atol=1e-6, err_msg=str(path))
@@ -83,19 +84,19 @@ def test_same_physical_point_in_every_format(tmp_path):
 @pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
 def test_seg_nrrd_written_and_read_back_on_the_same_points(tmp_path, grid):
     import SimpleITK as sitk
-    from SwinUNETRSegmentLib import segio as slicerio
+    from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
 
     card = load_card("btcv")
     rng = np.random.default_rng(1)
     labels = Volume(rng.integers(0, 14, size=(21, 18, 11)).astype(np.uint8), make_affine(*grid[1:]))
     out = tmp_path / "labels.seg.nrrd"
-    assert imageio.write_segmentation(out, labels, card.labels) == [out]
+    assert write_segmentation(out, labels, card.labels) == [out]
 
     seg = slicerio.read_segmentation(str(out))
     np.testing.assert_allclose(np.asarray(seg["ijkToLPS"]), labels.ijk_to_lps, rtol=0, atol=ATOL)
     np.testing.assert_array_equal(seg["voxels"], labels.array)
     # ITK (what Slicer reads .seg.nrrd with) puts every voxel at the same physical point.
-    back = imageio._itk_image_to_volume(sitk.ReadImage(str(out)), str(out))
+    back = _itk_image_to_volume(sitk.ReadImage(str(out)), str(out))
     assert_same(labels, back)
     # Segment table as Slicer shows it.
     names = [s["name"] for s in seg["segments"]]
@@ -114,7 +115,7 @@ def test_seg_nrrd_written_and_read_back_on_the_same_points(tmp_path, grid):
 def test_seg_nrrd_header_matches_what_slicer_writes(tmp_path):
     """Same fields as slicerio's data/Segmentation.seg.nrrd (written by Slicer)."""
     import nrrd
-    from SwinUNETRSegmentLib import segio as slicerio
+    from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
 
     ref_path = slicerio.SAMPLE_DATA_DIR / "Segmentation.seg.nrrd"
     ref = nrrd.read_header(str(ref_path))
@@ -122,7 +123,7 @@ def test_seg_nrrd_header_matches_what_slicer_writes(tmp_path):
     labels = Volume(np.zeros((8, 8, 8), np.uint8), np.eye(4))
     labels.array[2:4, 2:5, 3:6] = 6
     out = tmp_path / "x.seg.nrrd"
-    imageio.write_segmentation(out, labels, card.labels)
+    write_segmentation(out, labels, card.labels)
     ours = nrrd.read_header(str(out))
     assert ours["space"] == ref["space"] == "left-posterior-superior"
     assert {ours["type"], ref["type"]} <= {"uint8", "unsigned char", "uchar"}  # NRRD synonyms
@@ -147,14 +148,14 @@ def test_nifti_labelmap_with_table(tmp_path, grid):
     card = load_card("btcv")
     labels = Volume(np.random.default_rng(2).integers(0, 14, size=(9, 10, 11)).astype(np.uint8), make_affine(*grid[1:]))
     out = tmp_path / "labels.nii.gz"
-    written = imageio.write_segmentation(out, labels, card.labels)
+    written = write_segmentation(out, labels, card.labels)
     assert written == [out, tmp_path / "labels.csv"]
     img = nib.load(str(out))
     np.testing.assert_allclose(img.affine, labels.ijk_to_ras, rtol=0, atol=ATOL)
     np.testing.assert_array_equal(np.asarray(img.dataobj), labels.array)
     assert img.get_data_dtype() == np.uint8
     # ITK's NIfTI reader (Slicer's) agrees on the geometry.
-    back = imageio._itk_image_to_volume(sitk.ReadImage(str(out)), str(out))
+    back = _itk_image_to_volume(sitk.ReadImage(str(out)), str(out))
     assert_same(labels, back)
     rows = list(csv.DictReader(open(tmp_path / "labels.csv")))
     assert [r["Name"] for r in rows] == [lab.name for lab in card.labels]
@@ -179,7 +180,7 @@ def test_lps_conversion_happens_once():
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    from SwinUNETRSegmentLib import segio as slicerio
+    from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -187,5 +188,5 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(slicerio, "write_segmentation", broken)  # the writer imageio calls
     labels = Volume(np.ones((4, 4, 4), np.uint8), np.eye(4))
     with pytest.raises(OSError):
-        imageio.write_segmentation(tmp_path / "x.seg.nrrd", labels, load_card("btcv").labels)
+        write_segmentation(tmp_path / "x.seg.nrrd", labels, load_card("btcv").labels)
     assert list(tmp_path.iterdir()) == []

@@ -8,14 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from SwinUNETRSegmentLib.merge import (
-    Action,
-    ExistingSegment,
-    MergePolicy,
-    mask_stamp,
-    plan_merge,
-    summarize,
-)
+from SwinUNETRSegmentLib.merge import Action, ExistingSegment, MergePolicy, mask_stamp, plan_merge, summarize
 
 STAMP = "sha256:aaa"
 OTHER = "sha256:bbb"

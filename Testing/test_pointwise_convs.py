@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_card
 from torch import nn
 
-from SwinUNETRSegmentLib.engine import Segmenter
-from SwinUNETRSegmentLib.fastpath import FastPath
-from SwinUNETRSegmentLib.pointwise_convs import pointwise_as_matmul
+from SwinUNETRSegmentLib.inference.engine import Segmenter
+from SwinUNETRSegmentLib.inference.options import FastPath
+from SwinUNETRSegmentLib.inference.cpu.pointwise_convs import pointwise_as_matmul
 from test_fastpath import body_volume
 
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 from conftest import tiny_card
-from SwinUNETRSegmentLib import pretrain
-from SwinUNETRSegmentLib.checkpoint import build_network
+from SwinUNETRSegmentLib.training.ssl import pretrain
+from SwinUNETRSegmentLib.models.checkpoint import build_network
 from SwinUNETRSegmentLib.errors import UserError
 
 

@@ -2,16 +2,16 @@
 decoder card from it, and segment through the command line like any other model."""
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.fileio.read import read_volume
 
 import json
 
 import pytest
 
-from SwinUNETRSegmentLib import imageio
-from SwinUNETRSegmentLib.cards import card_from_dict, load_card
+from SwinUNETRSegmentLib.models.cards import card_from_dict, load_card
 from SwinUNETRSegmentLib.cli import main
 from SwinUNETRSegmentLib.errors import UserError
-from SwinUNETRSegmentLib.sampledata import TOTALSEG_TO_BTCV
+from SwinUNETRSegmentLib.fileio.sampledata import TOTALSEG_TO_BTCV
 
 
 def small_card(decoder: str | None = None) -> dict:
@@ -60,6 +60,6 @@ def test_pretrain_then_finetune_swin_unet_then_segment(tmp_path, reference_files
     seg = tmp_path / "ct.seg.nrrd"
     assert main(["-i", str(ct), "-o", str(seg), "--card", str(tmp_path / "ft" / "card.json"),
                  "--checkpoint", str(tmp_path / "ft" / "best.pt"), "--device", "cpu", "-q"]) == 0, capsys.readouterr().err
-    back, _ = imageio.read_volume(seg)
-    src, _ = imageio.read_volume(ct)
+    back, _ = read_volume(seg)
+    src, _ = read_volume(ct)
     assert back.same_grid(src)

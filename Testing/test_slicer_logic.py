@@ -21,12 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "SwinUNETRSegment"
 sys.path.insert(0, str(MODULE_DIR))  # the Slicer glue package sits beside the module file
 
-from SwinUNETRSegmentLib import requirements as req  # noqa: E402
-from SwinUNETRSegmentLib.cards import load_card  # noqa: E402
-from SwinUNETRSegmentLib.errors import CancelledError  # noqa: E402
-from SwinUNETRSegmentLib.geometry import Volume  # noqa: E402
-from SwinUNETRSegmentLib.merge import mask_stamp  # noqa: E402
-from SwinUNETRSegmentLib.progress import Progress  # noqa: E402
+from SwinUNETRSegmentLib import requirements as req
+from SwinUNETRSegmentLib.models.cards import load_card
+from SwinUNETRSegmentLib.errors import CancelledError
+from SwinUNETRSegmentLib.geometry import Volume
+from SwinUNETRSegmentLib.merge import mask_stamp
+from SwinUNETRSegmentLib.progress import Progress
 from SwinUNETRSegmentSlicer import panel, segments  # noqa: E402
 from SwinUNETRSegmentSlicer.models import ModelCache, catalog_models, devices, download_progress, weights_url  # noqa: E402
 from SwinUNETRSegmentSlicer.testing import (  # noqa: E402
@@ -97,7 +97,7 @@ def test_without_torch_only_automatic_is_offered():
 
 
 def test_device_selector_on_this_machine():
-    from SwinUNETRSegmentLib.engine import available_devices
+    from SwinUNETRSegmentLib.inference.engine import available_devices
 
     choices = panel.device_choices(available_devices())
     assert choices[0][0] == "auto" and choices[-1] == ("cpu", "CPU (slow)")
@@ -388,21 +388,22 @@ def test_cmake_ships_every_file_the_slicer_side_needs():
         return cmake.split(f"set({name}", 1)[1].split(")", 1)[0]
 
     # the engine package, its model cards and bundled weights: globbed, and the globs are used
-    assert "${CMAKE_CURRENT_SOURCE_DIR}/SwinUNETRSegmentLib/*.py" in listed
-    assert "${CMAKE_CURRENT_SOURCE_DIR}/SwinUNETRSegmentLib/cards/*.json" in listed
-    assert "${CMAKE_CURRENT_SOURCE_DIR}/SwinUNETRSegmentLib/weights/*.pt" in listed
+    assert "${CMAKE_CURRENT_SOURCE_DIR}/SwinUNETRSegmentLib/*.py" in listed and "GLOB_RECURSE MODULE_LIB_SCRIPTS" in cmake
+    assert "${CMAKE_CURRENT_SOURCE_DIR}/SwinUNETRSegmentLib/models/cards/*.json" in listed
+    assert "${CMAKE_CURRENT_SOURCE_DIR}/SwinUNETRSegmentLib/models/weights/*.pt" in listed
     assert "${MODULE_LIB_SCRIPTS}" in block("MODULE_PYTHON_SCRIPTS")
     assert "${MODULE_MODEL_FILES}" in block("MODULE_PYTHON_RESOURCES")
-    weights = {p.suffix for p in (MODULE_DIR / "SwinUNETRSegmentLib" / "weights").glob("*")}
+    weights = {p.suffix for p in (MODULE_DIR / "SwinUNETRSegmentLib" / "models" / "weights").glob("*")}
     assert weights <= {".pt"}, f"bundled weights with suffixes {weights} would not ship"
     # every engine module the Slicer side imports, directly or through the engine, exists
     needed, todo = {"__init__"}, list(SLICER_SIDE)
     while todo:
         for mod in imported_lib_modules(todo.pop()) - needed:
             needed.add(mod)
-            todo.append(MODULE_DIR / "SwinUNETRSegmentLib" / f"{mod}.py")
-            assert todo[-1].is_file(), f"the Slicer side needs SwinUNETRSegmentLib/{mod}.py, which does not exist"
-    assert {"engine", "merge", "requirements", "catalog", "checkpoint"} <= needed
+            path = MODULE_DIR / "SwinUNETRSegmentLib" / mod.replace(".", "/")
+            todo.append(path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py")
+            assert todo[-1].is_file(), f"the Slicer side needs SwinUNETRSegmentLib/{mod}, which does not exist"
+    assert {"inference.engine", "merge", "requirements", "models.catalog", "models.checkpoint"} <= needed
     # the glue is listed file by file, and everything listed exists
     for path in SLICER_SIDE:
         assert str(path.relative_to(MODULE_DIR)) in listed, f"{path.name} is not in CMake SCRIPTS"
@@ -419,7 +420,7 @@ def test_the_module_loads_before_torch_and_monai_are_installed():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
         f"sys.path.insert(0, {str(MODULE_DIR)!r})\n"
-        "import SwinUNETRSegmentLib.catalog, SwinUNETRSegmentLib.engine, SwinUNETRSegmentLib.merge, SwinUNETRSegmentLib.requirements\n"
+        "import SwinUNETRSegmentLib.models.catalog, SwinUNETRSegmentLib.inference.engine, SwinUNETRSegmentLib.merge, SwinUNETRSegmentLib.requirements\n"
         "import SwinUNETRSegmentSlicer.panel, SwinUNETRSegmentSlicer.segments, SwinUNETRSegmentSlicer.worker\n"
         "import SwinUNETRSegmentSlicer.models, SwinUNETRSegmentSlicer.testing\n"
     )

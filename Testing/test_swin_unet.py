@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_card
-from SwinUNETRSegmentLib.swin_unet import PatchExpanding, SwinUnet, build_swin_encoder
+from SwinUNETRSegmentLib.models.swin_unet import PatchExpanding, SwinUnet, build_swin_encoder
 
 
 def test_patch_expanding_doubles_each_size_and_moves_channel_groups_to_voxels():

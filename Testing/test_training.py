@@ -1,26 +1,27 @@
 """Training on real CT, with NIfTI pseudo-labels and with a Slicer .seg.nrrd."""
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.fileio.read import read_volume
 
 import json
 
 import numpy as np
 import pytest
 from conftest import tiny_card
-from SwinUNETRSegmentLib import segio as slicerio
+from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
 
-from SwinUNETRSegmentLib import imageio, training
-from SwinUNETRSegmentLib.cards import load_card
+from SwinUNETRSegmentLib.training import supervised as training
+from SwinUNETRSegmentLib.models.cards import load_card
 from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentLib.geometry import Volume
-from SwinUNETRSegmentLib.sampledata import TOTALSEG_TO_BTCV
+from SwinUNETRSegmentLib.fileio.sampledata import TOTALSEG_TO_BTCV
 
 BTCV = load_card("btcv")
 
 
 def pseudo_labels(reference_files) -> Volume:
     """example_ct's TotalSegmentator labels as BTCV values."""
-    ts, _ = imageio.read_volume(reference_files / "example_seg_fast_force_split.nii.gz")
+    ts, _ = read_volume(reference_files / "example_seg_fast_force_split.nii.gz")
     lut = np.zeros(256, np.uint8)
     for k, v in TOTALSEG_TO_BTCV.items():
         lut[k] = v
@@ -50,7 +51,7 @@ def write_slicer_seg(labels: Volume, path, crop=(slice(10, 100), slice(5, 90), s
 
 @pytest.mark.network
 def test_slicer_segmentation_labels_land_on_the_image_grid(tmp_path, reference_files):
-    ct, _ = imageio.read_volume(reference_files / "example_ct.nii.gz")
+    ct, _ = read_volume(reference_files / "example_ct.nii.gz")
     labels = pseudo_labels(reference_files)
     path = tmp_path / "corrected.seg.nrrd"
     write_slicer_seg(labels, path)
@@ -107,8 +108,8 @@ def test_two_epochs_lower_the_loss_and_the_engine_loads_the_result(tmp_path, ref
     seg_out = tmp_path / "ct.seg.nrrd"
     assert main(["-i", str(ct), "-o", str(seg_out), "--card", str(out / "card.json"), "--checkpoint", str(out / "best.pt"),
                  "--device", "cpu", "-q"]) == 0
-    back, _ = imageio.read_volume(seg_out)
-    src, _ = imageio.read_volume(ct)
+    back, _ = read_volume(seg_out)
+    src, _ = read_volume(ct)
     assert back.same_grid(src)
 
     # Running the same command again resumes (nothing left to do at epoch 2 of 2).

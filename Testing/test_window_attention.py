@@ -3,17 +3,17 @@ output as MONAI's fused attention bit for bit, nothing left behind after a run, 
 untouched."""
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.inference.network import use_fused_attention
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_card
 
-from SwinUNETRSegmentLib import fastpath as fp
-from SwinUNETRSegmentLib.engine import Segmenter
-from SwinUNETRSegmentLib.fastpath import FastPath
-from SwinUNETRSegmentLib.swin_unet import SwinUnet
-from SwinUNETRSegmentLib.window_attention import cached_window_attention
+from SwinUNETRSegmentLib.inference.engine import Segmenter
+from SwinUNETRSegmentLib.inference.options import FastPath
+from SwinUNETRSegmentLib.models.swin_unet import SwinUnet
+from SwinUNETRSegmentLib.inference.cpu.window_attention import cached_window_attention
 from test_fastpath import body_volume
 
 
@@ -22,7 +22,7 @@ def swinunetr(dtype=torch.float32, feature_size=12):
 
     torch.manual_seed(0)
     net = SwinUNETR(in_channels=1, out_channels=14, feature_size=feature_size).eval().to(dtype)
-    fp.use_fused_attention(net, True)
+    use_fused_attention(net, True)
     return net
 
 
@@ -54,7 +54,7 @@ def test_nothing_is_left_behind_and_runs_nest():
 
     original = swin_unetr.compute_mask
     a, b = swinunetr(), SwinUnet(in_channels=1, out_channels=3, feature_size=12).eval()
-    fp.use_fused_attention(b, True)
+    use_fused_attention(b, True)
     with torch.inference_mode(), cached_window_attention(a) as na:
         with cached_window_attention(b) as nb:
             assert na == 8 and nb > 0
@@ -72,10 +72,10 @@ def test_plain_attention_and_training_are_untouched():
     """Without fused attention nothing is switched; with autograd on, MONAI's own forward
     runs (same output, gradients flow)."""
     net = swinunetr()
-    fp.use_fused_attention(net, False)
+    use_fused_attention(net, False)
     with cached_window_attention(net) as n:
         assert n == 0
-    fp.use_fused_attention(net, True)
+    use_fused_attention(net, True)
     x = window(1)
     ref = net(x).detach()  # autograd on: MONAI's plain attention
     with cached_window_attention(net):

@@ -68,7 +68,7 @@ def worker(args) -> None:
     import numpy as np
     import torch
 
-    from SwinUNETRSegmentLib.cards import load_card
+    from SwinUNETRSegmentLib.models.cards import load_card
 
     card = load_card(args.card)
     result: dict = {"pipeline": args.worker}
@@ -82,8 +82,8 @@ def worker(args) -> None:
         labels, affine, timings = run_reference(args.input, card, args.checkpoint, device=args.device)
         result["reader"] = image_reader()
     else:
-        from SwinUNETRSegmentLib.engine import Segmenter
-        from SwinUNETRSegmentLib.imageio import read_volume
+        from SwinUNETRSegmentLib.inference.engine import Segmenter
+        from SwinUNETRSegmentLib.fileio.read import read_volume
 
         fast = engine_fastpath(args.worker, json.loads(args.set or "{}"))
         t0 = time.perf_counter()
@@ -111,7 +111,7 @@ def worker(args) -> None:
 
 
 def engine_fastpath(variant: str, overrides: dict):
-    from SwinUNETRSegmentLib.fastpath import FastPath
+    from SwinUNETRSegmentLib.inference.options import FastPath
 
     base = VARIANTS[variant]
     fast = FastPath.plain() if base is None else FastPath().but(**base)
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
 def summarize(name: str, path: Path, runs: dict, card_path: Path, args) -> dict:
     import numpy as np
 
-    from SwinUNETRSegmentLib.cards import load_card
+    from SwinUNETRSegmentLib.models.cards import load_card
 
     card = load_card(card_path)
     organs = [lab.value for lab in card.labels]

@@ -23,6 +23,8 @@ wider margins). ``--quick`` is a smoke run (feature_size 12, 64^3).
 """
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.inference.devices import configure_threads, cpu_has_native_bf16
+from SwinUNETRSegmentLib.inference.network import use_fused_attention
 
 import argparse
 import statistics
@@ -48,18 +50,17 @@ def main(argv=None) -> int:
     import torch
     from monai.networks.nets import SwinUNETR
 
-    from SwinUNETRSegmentLib import fastpath as fp
-    from SwinUNETRSegmentLib.pointwise_convs import pointwise_as_matmul
-    from SwinUNETRSegmentLib.window_attention import cached_window_attention
+    from SwinUNETRSegmentLib.inference.cpu.pointwise_convs import pointwise_as_matmul
+    from SwinUNETRSegmentLib.inference.cpu.window_attention import cached_window_attention
 
     fs = args.feature_size or (12 if args.quick else 48)
     roi = args.roi or (64 if args.quick else 96)
     repeats = args.repeats or (2 if args.quick else 3)
-    threads = fp.configure_threads("auto")
+    threads = configure_threads("auto")
     torch.manual_seed(0)
     reference = SwinUNETR(in_channels=1, out_channels=14, feature_size=fs).eval()
     windows = torch.rand((4, 1, roi, roi, roi), generator=torch.Generator().manual_seed(1))
-    bf16 = fp.cpu_has_native_bf16()
+    bf16 = cpu_has_native_bf16()
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  threads {threads}  feature_size {fs}  "
           f"window {roi}^3  native bfloat16: {bf16}  repeats {repeats}", flush=True)
 
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     ]
     net = copy.deepcopy(reference).to(dtype)
     for name, fused, contexts in steps:
-        fp.use_fused_attention(net, fused)
+        use_fused_attention(net, fused)
         outs = []
         seconds = []
         for half in (windows[:2], windows[2:]):

@@ -37,7 +37,7 @@ def cache_dir() -> Path:
 
 
 def _example_ct() -> Path:
-    from SwinUNETRSegmentLib.sampledata import reference_files
+    from SwinUNETRSegmentLib.fileio.sampledata import reference_files
 
     test_cache = os.environ.get("SWINUNETR_TEST_CACHE", str(Path.home() / ".cache" / "swinunetr-segment-tests"))
     if (Path(test_cache) / "totalsegmentator-2.18.0").is_dir():
@@ -140,8 +140,8 @@ def random_checkpoint(feature_size: int, cache: Path | None = None, seed: int = 
 
     import torch
 
-    from SwinUNETRSegmentLib.cards import load_card
-    from SwinUNETRSegmentLib.checkpoint import build_network
+    from SwinUNETRSegmentLib.models.cards import load_card
+    from SwinUNETRSegmentLib.models.checkpoint import build_network
 
     cache = Path(cache or cache_dir())
     cache.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def run_reference(path: str, card, checkpoint: str, device: str = "cpu") -> tupl
     from monai.data import decollate_batch, list_data_collate
     from monai.inferers import SlidingWindowInferer
 
-    from SwinUNETRSegmentLib.checkpoint import build_network, read_state_dict
+    from SwinUNETRSegmentLib.models.checkpoint import build_network, read_state_dict
 
     dev = torch.device(device)
     timings: dict[str, float] = {}

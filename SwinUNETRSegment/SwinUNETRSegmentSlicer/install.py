@@ -20,9 +20,7 @@ import tempfile
 import slicer
 from slicer.i18n import tr as _
 
-from SwinUNETRSegmentLib.requirements import (
-    TORCH_REQUIREMENT, constraints_text, installed_version, plan_install, read_requirements, torch_problem,
-)
+from SwinUNETRSegmentLib.requirements import TORCH_REQUIREMENT, constraints_text, installed_version, plan_install, read_requirements, torch_problem
 
 REQUESTER = "SwinUNETR Segment"
 

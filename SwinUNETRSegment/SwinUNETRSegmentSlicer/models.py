@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any, Callable, Hashable, Optional
 
-from SwinUNETRSegmentLib.cards import ModelCard
+from SwinUNETRSegmentLib.models.cards import ModelCard
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
 from SwinUNETRSegmentLib.progress import Progress, ProgressCallback
 
@@ -20,7 +20,7 @@ SegmenterFactory = Callable[[str, str, Optional[float], Optional[int]], Any]
 
 def catalog_models() -> list[tuple[str, ModelCard]]:
     """(name, card) of every catalog model; a user card that does not load is left out with a warning."""
-    from SwinUNETRSegmentLib.catalog import card_of, model_names
+    from SwinUNETRSegmentLib.models.catalog import card_of, model_names
 
     models = []
     for name in model_names():
@@ -34,7 +34,7 @@ def catalog_models() -> list[tuple[str, ModelCard]]:
 def weights_url(card: ModelCard) -> Optional[str]:
     """Where to download ``card``'s weights from when they are not on this machine yet; None when
     they are (or when the card names no URL: running then says how to install them)."""
-    from SwinUNETRSegmentLib.catalog import is_installed
+    from SwinUNETRSegmentLib.models.catalog import is_installed
 
     return None if is_installed(card) else card.checkpoint.get("url") or None
 
@@ -46,15 +46,15 @@ def devices() -> Optional[list[tuple[str, str]]]:
 
     if torch_problem() is not None:
         return None
-    from SwinUNETRSegmentLib.engine import available_devices
+    from SwinUNETRSegmentLib.inference.engine import available_devices
 
     return available_devices()
 
 
 def catalog_segmenter(model: str, device: str = "auto", overlap: Optional[float] = None, sw_batch_size: Optional[int] = None):
     """The engine's Segmenter for catalog model ``model`` (UserError when its weights are missing)."""
-    from SwinUNETRSegmentLib.catalog import resolve_model
-    from SwinUNETRSegmentLib.engine import Segmenter
+    from SwinUNETRSegmentLib.models.catalog import resolve_model
+    from SwinUNETRSegmentLib.inference.engine import Segmenter
 
     card, weights = resolve_model(model)
     return Segmenter(card, weights, device=device, overlap=overlap, sw_batch_size=sw_batch_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from SwinUNETRSegmentLib.cards import ModelCard
+from SwinUNETRSegmentLib.models.cards import ModelCard
 from SwinUNETRSegmentLib.progress import Progress, format_seconds
 
 #: How each engine stage reads in the panel.

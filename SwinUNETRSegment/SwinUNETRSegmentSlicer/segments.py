@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from SwinUNETRSegmentLib.cards import LabelInfo, ModelCard
+from SwinUNETRSegmentLib.models.cards import LabelInfo, ModelCard
 from SwinUNETRSegmentLib.merge import mask_stamp
 
 _EMPTY_CODE = ("", "", "")

@@ -16,8 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from SwinUNETRSegmentLib.cards import ModelCard, load_card
-from SwinUNETRSegmentLib.engine import SegmentationResult
+from SwinUNETRSegmentLib.models.cards import ModelCard, load_card
+from SwinUNETRSegmentLib.inference.engine import SegmentationResult
 from SwinUNETRSegmentLib.errors import CancelledError
 from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.progress import ProgressCallback, ProgressTracker
@@ -106,7 +106,7 @@ def oracle_segmenter(card: Optional[ModelCard] = None):
     """
     import torch
 
-    from SwinUNETRSegmentLib.engine import Segmenter
+    from SwinUNETRSegmentLib.inference.engine import Segmenter
 
     card = card or selftest_card()
 

@@ -21,6 +21,10 @@ The switches of the fast path are in :class:`~.fastpath.FastPath`.
 """
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.inference.devices import Plan, autocast, autocast_dtype, configure_threads, inference_plans, is_out_of_memory, run_with_fallback
+from SwinUNETRSegmentLib.inference.windows import air_window_starts, body_box, shift_affine, volume_key
+from SwinUNETRSegmentLib.inference.network import cancel_checks, cpu_windows_per_call, maybe_compile, network_dtype, use_fused_attention
+from SwinUNETRSegmentLib.inference.resample import resample_argmax, resample_probabilities, softmax_inplace
 
 import contextlib
 import copy
@@ -34,14 +38,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .cards import ModelCard
-from . import fastpath as fp
-from .errors import CancelledError, UserError
-from .fastpath import FastPath, Prepared, count_windows  # noqa: F401 - count_windows is part of the engine API
-from .geometry import Volume
-from .progress import ProgressCallback, ProgressTracker
-from .pointwise_convs import pointwise_as_matmul
-from .window_attention import cached_window_attention
+from SwinUNETRSegmentLib.models.cards import ModelCard
+from SwinUNETRSegmentLib.errors import CancelledError, UserError
+from SwinUNETRSegmentLib.inference.options import FastPath
+from SwinUNETRSegmentLib.inference.windows import Prepared, count_windows
+from SwinUNETRSegmentLib.geometry import Volume
+from SwinUNETRSegmentLib.progress import ProgressCallback, ProgressTracker
+from SwinUNETRSegmentLib.inference.cpu.pointwise_convs import pointwise_as_matmul
+from SwinUNETRSegmentLib.inference.cpu.window_attention import cached_window_attention
 
 log = logging.getLogger(__name__)
 
@@ -185,17 +189,16 @@ class Segmenter:
 
     def load(self):
         """Build the network and load the weights (once); returns the network."""
-        import torch
 
         if self._network is None:
-            from .checkpoint import load_model
+            from SwinUNETRSegmentLib.models.checkpoint import load_model
 
             self._network = load_model(self.card, self.checkpoint)
             self._owns_network = True
         if not self.loaded:
             self._network = self._network.to(self.device)
             self._runner = None
-        dtype = fp.network_dtype(self.device, self.fast.precision, self._network, self.fast.bf16_weights)
+        dtype = network_dtype(self.device, self.fast.precision, self._network, self.fast.bf16_weights)
         if next(self._network.parameters()).dtype != dtype:
             if not self._owns_network:  # a caller's module is theirs: cast a copy
                 self._network = copy.deepcopy(self._network)
@@ -204,10 +207,10 @@ class Segmenter:
             self._runner = None
             self._air_outputs.clear()
         self._dtype = dtype
-        fp.use_fused_attention(self._network, self.fast.fused_attention)
+        use_fused_attention(self._network, self.fast.fused_attention)
         self._network.eval()
         if self._runner is None:
-            self._runner = fp.maybe_compile(self._network, self.fast.compile)
+            self._runner = maybe_compile(self._network, self.fast.compile)
         return self._network
 
     # ---- the pipeline ---------------------------------------------------------------
@@ -245,7 +248,7 @@ class Segmenter:
         fast = self.fast
         key = None
         if fast.cache_preprocessed:
-            key = fp.volume_key(volume.array, volume.ijk_to_ras, self.card.orientation, self.card.spacing,
+            key = volume_key(volume.array, volume.ijk_to_ras, self.card.orientation, self.card.spacing,
                                 self.card.interpolation, sorted(self.card.intensity.items()), self.card.roi_size,
                                 self.overlap, fast.skip_air, fast.crop_to_body)
             if self._prepared is not None and self._prepared[0] == key:
@@ -270,16 +273,16 @@ class Segmenter:
             floor = float(it["a_min"]) - 0.01 * (float(it["a_max"]) - float(it["a_min"]))
             air = img.as_tensor()[0] < floor
             if fast.crop_to_body:
-                box = fp.body_box(air, self.card.roi_size, self.overlap)
+                box = body_box(air, self.card.roi_size, self.overlap)
         if box is not None:
             img = img[(slice(None),) + box]
             air = air[box]
-        affine = full_affine if box is None else fp.shift_affine(full_affine, [s.start for s in box])
+        affine = full_affine if box is None else shift_affine(full_affine, [s.start for s in box])
         img = self._scale(img)
         air_starts: set = set()
         if use_air and fast.skip_air:
             pad_is_air = float(self.card.intensity["b_min"]) == 0.0  # MONAI pads windows with 0
-            air_starts = fp.air_window_starts(air, self.card.roi_size, self.overlap, pad_is_air)
+            air_starts = air_window_starts(air, self.card.roi_size, self.overlap, pad_is_air)
         image = img.as_tensor().contiguous()
         return Prepared(image, affine, full_shape, full_affine, box, air_starts)
 
@@ -323,7 +326,7 @@ class Segmenter:
         with self._lock:
             t0 = time.perf_counter()
             check_cancel()
-            stats["threads"] = fp.configure_threads(fast.threads) if self.device.type == "cpu" else None
+            stats["threads"] = configure_threads(fast.threads) if self.device.type == "cpu" else None
             if not self.loaded:
                 tracker.stage("loading model", f"loading {self.card.name} on {self.device}")
             self.load()
@@ -346,15 +349,15 @@ class Segmenter:
                          windows_air=len(air_starts), windows_run=total - len(air_starts),
                          crop=None if prepared.box is None else [(s.start, s.stop) for s in prepared.box],
                          model_shape=list(prepared.full_shape))
-            ac_dtype = fp.autocast_dtype(self.device, fast.precision)
+            ac_dtype = autocast_dtype(self.device, fast.precision)
             stats["precision"] = "float32" if ac_dtype is None else str(ac_dtype).replace("torch.", "")
             stats["weights"] = str(self._dtype).replace("torch.", "")
             done = 0
             # On the CPU the card's window batch (a GPU setting) gives way to the fast path's
-            # (fp.cpu_windows_per_call); a batch's windows then share one network call, and
-            # cancel is checked inside the network (fp.cancel_checks) so it still acts
+            # (cpu_windows_per_call); a batch's windows then share one network call, and
+            # cancel is checked inside the network (cancel_checks) so it still acts
             # within one window. GPUs get the card's batch.
-            cpu_batch = fp.cpu_windows_per_call(self._network, fast.cpu_batch, self.sw_batch_size)
+            cpu_batch = cpu_windows_per_call(self._network, fast.cpu_batch, self.sw_batch_size)
             stats["windows_per_call"] = cpu_batch if self.device.type == "cpu" else self.sw_batch_size
 
             def predictor(batch, coords):
@@ -380,15 +383,15 @@ class Segmenter:
                     tracker.windows(done, total)
                 return torch.cat(outs)
 
-            def attempt(plan: fp.Plan):
+            def attempt(plan: Plan):
                 nonlocal done
                 done = 0
                 tracker.windows(0, total)
                 out_device = torch.device(plan.stitch_device)
                 batch = cpu_batch if self.device.type == "cpu" else plan.sw_batch_size
                 x = prepared.image[None].to(self.device if out_device.type == self.device.type else out_device)
-                hooks = fp.cancel_checks(self._network, check_cancel, enabled=batch > 1 and not fast.compile)
-                amp = contextlib.nullcontext() if self._dtype != torch.float32 else fp.autocast(self.device, fast.precision)
+                hooks = cancel_checks(self._network, check_cancel, enabled=batch > 1 and not fast.compile)
+                amp = contextlib.nullcontext() if self._dtype != torch.float32 else autocast(self.device, fast.precision)
                 attention = cached_window_attention(self._network, fast.cached_attention and not fast.compile)
                 pointwise = pointwise_as_matmul(self._network, fast.pointwise_matmul and self.device.type == "cpu"
                                                 and not fast.compile)
@@ -402,10 +405,10 @@ class Segmenter:
                     )
 
             t = time.perf_counter()
-            plans = fp.inference_plans(self.device, self.sw_batch_size if self.device.type != "cpu" else cpu_batch,
+            plans = inference_plans(self.device, self.sw_batch_size if self.device.type != "cpu" else cpu_batch,
                                        fast.gpu_stitching)
             empty = torch.cuda.empty_cache if self.device.type == "cuda" else (lambda: None)
-            logits = fp.run_with_fallback(plans, attempt, empty_cache=empty)
+            logits = run_with_fallback(plans, attempt, empty_cache=empty)
             timings["inference"] = time.perf_counter() - t
 
             check_cancel()
@@ -432,13 +435,13 @@ class Segmenter:
                                    outside="border" if outside == "border" else "zeros")
         if self.fast.resample == "boundaries":
             def run(scores):
-                return fp.resample_argmax(scores, prepared.affine, volume.shape, volume.ijk_to_ras, outside=outside,
+                return resample_argmax(scores, prepared.affine, volume.shape, volume.ijk_to_ras, outside=outside,
                                           slab_voxels=self.fast.slab_voxels, cancel=check_cancel)
         else:
-            fp.softmax_inplace(logits)
+            softmax_inplace(logits)
 
             def run(scores):
-                return fp.resample_probabilities(scores, prepared.affine, volume.shape, volume.ijk_to_ras,
+                return resample_probabilities(scores, prepared.affine, volume.shape, volume.ijk_to_ras,
                                                  outside=outside, slab_voxels=self.fast.slab_voxels, cancel=check_cancel)
 
         if logits.device.type != "cuda":
@@ -446,7 +449,7 @@ class Segmenter:
         try:
             return run(logits[0])
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled
-            if not fp.is_out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 raise
             torch.cuda.empty_cache()
             log.warning("out of GPU memory resampling to the input grid; resampling on the CPU")

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .cards import LabelInfo
-from .geometry import Volume
-from .imageio import atomic_path
+from SwinUNETRSegmentLib.models.cards import LabelInfo
+from SwinUNETRSegmentLib.geometry import Volume
+from SwinUNETRSegmentLib.fileio.atomic import atomic_path
 
 
 def _to_ras_axes(vol: Volume) -> tuple[np.ndarray, np.ndarray]:

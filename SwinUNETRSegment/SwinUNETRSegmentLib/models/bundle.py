@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .cards import ModelCard, card_from_dict, load_card
-from .errors import UserError
+from SwinUNETRSegmentLib.models.cards import ModelCard, card_from_dict, load_card
+from SwinUNETRSegmentLib.errors import UserError
 
 NETWORKS = {"SwinUNETR", "monai.networks.nets.SwinUNETR", "monai.networks.nets.swin_unetr.SwinUNETR"}
 # Transforms that do not change what the network sees beyond what a card describes.
@@ -195,8 +195,8 @@ def import_bundle(bundle_dir: str | Path, name: str | None = None) -> ModelCard:
     """Add a bundle to the catalog: its card (with the SHA256 of models/model.pt) and its weights."""
     import tempfile
 
-    from . import catalog
-    from .checkpoint import load_model
+    from SwinUNETRSegmentLib.models import catalog
+    from SwinUNETRSegmentLib.models.checkpoint import load_model
 
     root = Path(bundle_dir)
     card = card_from_bundle(root, name)

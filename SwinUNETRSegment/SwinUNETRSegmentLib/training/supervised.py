@@ -2,7 +2,7 @@
 
 Data is a MONAI Decathlon datalist (JSON with "training" and optional "validation"
 lists of {"image": ..., "label": ...}, paths relative to the JSON file). Images are
-anything :func:`~.imageio.read_volume` reads (DICOM folders included). Labels are label
+anything :func:`~.read_volume` reads (DICOM folders included). Labels are label
 maps (NIfTI, NRRD...) or Slicer ``.seg.nrrd`` files, whose segments are matched to the
 card's labels by SNOMED code (type and modifier) or, failing that, by name, so that
 segmentations clinicians corrected in Slicer become training data. A label grid that
@@ -24,6 +24,7 @@ single-process run's.
 """
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.fileio.read import has_suffix, read_volume
 
 import argparse
 import hashlib
@@ -37,9 +38,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .cards import LabelInfo, ModelCard, load_card
-from .errors import UserError
-from .geometry import Volume
+from SwinUNETRSegmentLib.models.cards import LabelInfo, ModelCard, load_card
+from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.geometry import Volume
 
 
 # --------------------------------------------------------------------------------------
@@ -101,12 +102,11 @@ def match_segments(segments: Sequence[dict], labels: Sequence[LabelInfo]) -> dic
 
 def read_label(path: str | Path, card: ModelCard, grid: Volume, label_map: Optional[dict[int, int]] = None) -> np.ndarray:
     """The label map of ``path`` as card label values (uint8) on ``grid``'s voxels."""
-    from . import imageio
-    from .engine import resample_labels
+    from SwinUNETRSegmentLib.inference.engine import resample_labels
 
     p = Path(path)
-    if imageio.has_suffix(p, (".seg.nrrd",)):
-        from . import segio as slicerio
+    if has_suffix(p, (".seg.nrrd",)):
+        from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
 
         try:
             seg = slicerio.read_segmentation(str(p))
@@ -123,7 +123,7 @@ def read_label(path: str | Path, card: ModelCard, grid: Volume, label_map: Optio
                 arr[slicerio.segment_mask(seg, s)] = matched[s["id"]]
         src = Volume.from_lps(arr, np.asarray(seg["ijkToLPS"], dtype=float))
     else:
-        vol, _ = imageio.read_volume(p)
+        vol, _ = read_volume(p)
         arr = np.asarray(vol.array)
         if label_map is not None:
             lut = np.zeros(int(max(arr.max(initial=0), max(label_map, default=0))) + 1, np.uint8)
@@ -162,7 +162,7 @@ class LoadPaird:
         import torch
         from monai.data import MetaTensor
 
-        from .imageio import read_volume
+        from SwinUNETRSegmentLib.fileio.read import read_volume
 
         vol, _ = read_volume(item["image"])
         lab = read_label(item["label"], self.card, vol, self.label_map)
@@ -242,7 +242,7 @@ class Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
-        from .engine import resolve_device
+        from SwinUNETRSegmentLib.inference.engine import resolve_device
 
         device = resolve_device(device_name)
         if self.enabled and device.type == "cuda":
@@ -341,7 +341,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
 
-    from .checkpoint import build_network, extract_state_dict, load_weights, read_state_dict
+    from SwinUNETRSegmentLib.models.checkpoint import build_network, extract_state_dict, load_weights, read_state_dict
 
     t_start = time.monotonic()
     card = load_card(args.card)
@@ -372,7 +372,7 @@ def train(args: argparse.Namespace, log=print) -> dict[str, Any]:
     if args.init:
         load_weights(net, read_state_dict(args.init), card, Path(args.init).name)
     if getattr(args, "init_encoder", None):
-        from .pretrain import load_encoder_weights
+        from SwinUNETRSegmentLib.training.ssl.pretrain import load_encoder_weights
 
         n = load_encoder_weights(net, args.init_encoder)
         log(f"loaded {n} encoder tensors from {args.init_encoder}; the decoder and head start fresh")
@@ -497,7 +497,7 @@ def _atomic_torch_save(obj, path: Path) -> None:
 def _save_best(net, out: Path, card: ModelCard, args, dice, entry, train_items, val_items) -> None:
     sd = {k: (v.half() if args.fp16_weights and v.is_floating_point() else v).cpu() for k, v in net.state_dict().items()}
     _atomic_torch_save(sd, out / "best.pt")
-    from .checkpoint import sha256_file
+    from SwinUNETRSegmentLib.models.checkpoint import sha256_file
 
     data = card.to_json()
     data["name"] = args.name or f"{card.name}-trained"
@@ -522,8 +522,8 @@ def _save_best(net, out: Path, card: ModelCard, args, dice, entry, train_items, 
 def publish_builtin(run_dir: str | Path, name: str = "demo") -> tuple[Path, Path]:
     """Make a training run's best checkpoint a built-in model: ``cards/<name>.json`` and
     ``weights/<name>.pt`` in the package (the card records the SHA256 checked at load)."""
-    from .cards import BUILTIN_CARD_DIR
-    from .catalog import BUNDLED_WEIGHTS_DIR, file_digest
+    from SwinUNETRSegmentLib.models.cards import BUILTIN_CARD_DIR
+    from SwinUNETRSegmentLib.models.catalog import BUNDLED_WEIGHTS_DIR, file_digest
 
     run = Path(run_dir)
     data = json.loads((run / "card.json").read_text(encoding="utf-8"))

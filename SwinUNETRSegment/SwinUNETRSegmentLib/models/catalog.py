@@ -23,8 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
-from .cards import BUILTIN_CARD_DIR, ModelCard, builtin_card_names, load_card
-from .errors import UserError
+from SwinUNETRSegmentLib.models.cards import BUILTIN_CARD_DIR, ModelCard, builtin_card_names, load_card
+from SwinUNETRSegmentLib.errors import UserError
 
 BUNDLED_WEIGHTS_DIR = Path(__file__).with_name("weights")
 

@@ -13,8 +13,8 @@ import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
-from .cards import ModelCard
-from .errors import UserError
+from SwinUNETRSegmentLib.models.cards import ModelCard
+from SwinUNETRSegmentLib.errors import UserError
 
 #: Keys under which training scripts nest the network's state_dict.
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "network", "net")
@@ -32,7 +32,7 @@ def build_network(card: ModelCard):
     args.setdefault("spatial_dims", 3)
     try:
         if card.decoder == "swin_unet":
-            from .swin_unet import SwinUnet
+            from SwinUNETRSegmentLib.models.swin_unet import SwinUnet
 
             return SwinUnet(**args)
         return SwinUNETR(**args)

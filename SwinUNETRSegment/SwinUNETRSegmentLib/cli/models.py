@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import catalog
+from SwinUNETRSegmentLib.models import catalog
 
 
 def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> i
         path = catalog.remove(args.name)
         print(f"removed {path}" if path else f"model '{args.name}' has no downloaded weights here")
     elif args.action == "import-bundle":
-        from .bundle import import_bundle
+        from SwinUNETRSegmentLib.models.bundle import import_bundle
 
         card = import_bundle(args.folder, args.name)
         print(f"imported model '{card.name}' ({len(card.labels)} labels)")

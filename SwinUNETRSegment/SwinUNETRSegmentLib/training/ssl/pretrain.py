@@ -28,6 +28,8 @@ Fine-tuning loads ``encoder.pt`` with :func:`load_encoder_weights`.
 """
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.fileio.read import ITK_SUFFIXES, NIFTI_SUFFIXES, has_suffix
+from SwinUNETRSegmentLib.fileio.write import SEG_SUFFIXES
 
 import argparse
 import json
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from SwinUNETRSegmentLib.errors import UserError
 
 #: Number of rotation classes: 0, 90, 180 and 270 degrees about the axial axis.
 ROTATIONS = 4
@@ -240,7 +242,7 @@ class PretrainNetwork(nn.Module):
 
     def __init__(self, network_args: Mapping[str, Any], proj_dim: int = 512):
         super().__init__()
-        from .swin_unet import build_swin_encoder
+        from SwinUNETRSegmentLib.models.swin_unet import build_swin_encoder
 
         self.swinViT = build_swin_encoder(network_args)
         dim = int(self.swinViT.embed_dim) * 16  # 16F: four patch mergings each double the channels
@@ -420,7 +422,7 @@ def load_encoder_weights(network: nn.Module, path: str | Path) -> int:
             encoder's parameters, holds encoder weights the network lacks, maps two keys to
             one weight, or a shape differs (another feature_size, depths or window size).
     """
-    from .checkpoint import read_state_dict
+    from SwinUNETRSegmentLib.models.checkpoint import read_state_dict
 
     name = Path(path).name
     encoder = getattr(network, "swinViT", None)
@@ -469,7 +471,6 @@ def list_images(data: str | Path) -> list[str]:
     """Scans to pretrain on: the "image" of each "training" item of a Decathlon datalist
     (paths relative to the JSON file; labels are not needed), or every scan in a folder
     (NIfTI, NRRD, MetaImage files; subfolders are DICOM series)."""
-    from . import imageio
 
     p = Path(data)
     if p.is_file():
@@ -491,12 +492,12 @@ def list_images(data: str | Path) -> list[str]:
             out.append(str(q))
         return out
     if p.is_dir():
-        suffixes = imageio.NIFTI_SUFFIXES + imageio.ITK_SUFFIXES
+        suffixes = NIFTI_SUFFIXES + ITK_SUFFIXES
         out = []
         for q in sorted(p.iterdir()):
             if q.name.startswith("."):
                 continue
-            if q.is_file() and imageio.has_suffix(q, suffixes) and not imageio.has_suffix(q, imageio.SEG_SUFFIXES):
+            if q.is_file() and has_suffix(q, suffixes) and not has_suffix(q, SEG_SUFFIXES):
                 out.append(str(q))
             elif q.is_dir():
                 out.append(str(q))  # a DICOM series (read_volume says so if it is not one)
@@ -512,7 +513,7 @@ class LoadScand:
     def __call__(self, item: dict) -> dict:
         from monai.data import MetaTensor
 
-        from .imageio import read_volume
+        from SwinUNETRSegmentLib.fileio.read import read_volume
 
         vol, _ = read_volume(item["image"])
         affine = torch.as_tensor(vol.ijk_to_ras, dtype=torch.float64)
@@ -619,8 +620,8 @@ def pretrain(args: argparse.Namespace, log: Callable[[str], Any] = print) -> dic
     from monai.data import CacheDataset
     from monai.utils import set_determinism
 
-    from .cards import load_card
-    from .training import Distributed, _quiet
+    from SwinUNETRSegmentLib.models.cards import load_card
+    from SwinUNETRSegmentLib.training.supervised import Distributed, _quiet
 
     t_start = time.monotonic()
     _check_args(args)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from SwinUNETRSegmentLib.errors import UserError
 
 BUILTIN_CARD_DIR = Path(__file__).with_name("cards")
 

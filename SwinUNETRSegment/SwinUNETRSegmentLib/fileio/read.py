@@ -1,37 +1,25 @@
-"""Reading scans and writing segmentations, always through :class:`~.geometry.Volume`.
+"""Reading scans into :class:`~SwinUNETRSegmentLib.geometry.Volume`.
 
-Readers: NIfTI (.nii, .nii.gz) with nibabel, whose affine is the file's own RAS matrix;
-NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) and DICOM series folders with SimpleITK,
-whose LPS geometry is converted once, in :meth:`Volume.from_itk_geometry`. SimpleITK's
-GDCM reader decodes compressed DICOM (JPEG, JPEG 2000, RLE) without extra packages.
-
-Writers: ``.seg.nrrd`` with slicerio (what Slicer's Segmentations module reads:
-names, colours, terminology), NIfTI label maps with a Slicer colour-table CSV beside
-them. Every write goes to a temporary file in the target folder and is renamed into
-place only when complete, so a failed or interrupted run leaves no partial file.
+NIfTI (.nii, .nii.gz) with nibabel, whose affine is the file's own RAS matrix; NRRD (.nrrd,
+.nhdr), MetaImage (.mha, .mhd) and DICOM series folders with SimpleITK, whose LPS geometry
+is converted once, in :meth:`Volume.from_itk_geometry`. SimpleITK's GDCM reader decodes
+compressed DICOM (JPEG, JPEG 2000, RLE) without extra packages.
 """
 
 from __future__ import annotations
-
-import contextlib
-import csv
-import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
-
+from typing import Sequence
 import numpy as np
+from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.geometry import Volume
 
-from .cards import LabelInfo
-from .errors import UserError
-from .geometry import Volume
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-SEG_SUFFIXES = (".seg.nrrd",)
-LABELMAP_SUFFIXES = NIFTI_SUFFIXES
 
 
 @dataclass
@@ -255,166 +243,3 @@ def _itk_reason(exc: BaseException) -> str:
         if not ln.startswith(("sitk::", "itk::", "/")):
             return ln[:200]
     return "unreadable file"
-
-
-# --------------------------------------------------------------------------------------
-# writing
-# --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target`` with the same suffixes; rename it into
-    place when the block completes, delete it if the block fails."""
-    target = Path(target)
-    name = target.name
-    suffix = next((s for s in (".seg.nrrd", ".nii.gz") if name.lower().endswith(s)), target.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".part{suffix}", dir=str(target.parent))
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
-
-
-def check_output_path(path: str | Path, overwrite: bool = False, suffixes: Sequence[str] | None = None) -> Path:
-    """Fail before any work is done if ``path`` cannot be written."""
-    p = Path(path)
-    if suffixes is not None and not has_suffix(p, suffixes):
-        raise UserError(f"cannot write {p.name}: give an output ending in {', '.join(suffixes)}")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"output folder does not exist: {parent}; create it first or choose another output path")
-    if p.is_dir():
-        raise UserError(f"output {p} is a folder; give a file name")
-    if p.exists() and not overwrite:
-        raise UserError(f"output {p} already exists; pass --overwrite to replace it or choose another name")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".swinunetr-write-test.", dir=str(parent))
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserError(f"cannot write to folder {parent} ({exc.strerror or exc}); choose a folder you can write to") from None
-    return p
-
-
-def label_table_path(labelmap_path: str | Path) -> Path:
-    """``ct.nii.gz`` -> ``ct.csv``: the colour table written beside a NIfTI label map."""
-    p = Path(labelmap_path)
-    name = p.name
-    for s in NIFTI_SUFFIXES[::-1]:
-        if name.lower().endswith(s):
-            return p.with_name(name[: -len(s)] + ".csv")
-    return p.with_name(name + ".csv")
-
-
-def segments_for(labels: Sequence[LabelInfo], label_array: np.ndarray) -> list[dict]:
-    """slicerio segment dicts (name, colour, terminology, label value, extent) for ``labels``."""
-    present = _extents(label_array, [lab.value for lab in labels])
-    segments = []
-    for lab in labels:
-        segments.append({
-            "id": f"Segment_{lab.value}",
-            "name": lab.name,
-            "color": list(lab.color_float),
-            "labelValue": int(lab.value),
-            "layer": 0,
-            "extent": present.get(lab.value, [0, -1, 0, -1, 0, -1]),
-            "terminology": lab.terminology(),
-            "nameAutoGenerated": False,
-            "colorAutoGenerated": False,
-        })
-    return segments
-
-
-def _extents(label_array: np.ndarray, values: Sequence[int]) -> dict[int, list[int]]:
-    """Bounding box ``[i0, i1, j0, j1, k0, k1]`` of each label value present.
-
-    SimpleITK's label statistics do this in one pass without a mask per label.
-    """
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(label_array.transpose(2, 1, 0)))
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(img)
-    present = set(stats.GetLabels())
-    out: dict[int, list[int]] = {}
-    for v in values:
-        if int(v) in present:
-            x, y, z, sx, sy, sz = stats.GetBoundingBox(int(v))
-            out[int(v)] = [x, x + sx - 1, y, y + sy - 1, z, z + sz - 1]
-    return out
-
-
-def write_seg_nrrd(path: str | Path, labels: Volume, table: Sequence[LabelInfo]) -> None:
-    """Write a Slicer segmentation file (``.seg.nrrd``) with one segment per entry of ``table``."""
-    from . import segio
-
-    arr = np.asarray(labels.array)
-    if arr.dtype != np.uint8 and int(arr.max(initial=0)) < 256:
-        arr = arr.astype(np.uint8)
-    segmentation = {
-        "voxels": arr,
-        "ijkToLPS": labels.ijk_to_lps,
-        "segments": segments_for(table, arr),
-        "containedRepresentationNames": ["Binary labelmap"],
-        "masterRepresentation": "Binary labelmap",
-        "referenceImageExtentOffset": [0, 0, 0],
-    }
-    with atomic_path(path) as tmp:
-        segio.write_segmentation(str(tmp), segmentation, compression_level=1)
-
-
-def write_labelmap_nifti(path: str | Path, labels: Volume, table: Sequence[LabelInfo]) -> Path:
-    """Write a NIfTI label map and, beside it, the label table as a Slicer colour table CSV.
-
-    Returns the path of the CSV.
-    """
-    import nibabel as nib
-
-    arr = np.asarray(labels.array)
-    if arr.dtype != np.uint8 and int(arr.max(initial=0)) < 256:
-        arr = arr.astype(np.uint8)
-    img = nib.Nifti1Image(arr, labels.ijk_to_ras)
-    img.header.set_qform(labels.ijk_to_ras, code=1)
-    img.header.set_sform(labels.ijk_to_ras, code=1)
-    img.header.set_intent("label")
-    img.header.set_xyzt_units("mm", "sec")
-    csv_path = label_table_path(path)
-    with atomic_path(path) as tmp, atomic_path(csv_path) as tmp_csv:
-        nib.save(img, str(tmp))
-        tmp_csv.write_text(label_table_csv(table), encoding="utf-8")
-    return csv_path
-
-
-def label_table_csv(table: Sequence[LabelInfo]) -> str:
-    """The label table in Slicer's colour-table CSV layout (with terminology columns)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([
-        "LabelValue", "Name", "Color_R", "Color_G", "Color_B", "Color_A",
-        "Category_CodingScheme", "Category_CodeValue", "Category_CodeMeaning",
-        "Type_CodingScheme", "Type_CodeValue", "Type_CodeMeaning",
-        "TypeModifier_CodingScheme", "TypeModifier_CodeValue", "TypeModifier_CodeMeaning",
-        "Region_CodingScheme", "Region_CodeValue", "Region_CodeMeaning",
-        "RegionModifier_CodingScheme", "RegionModifier_CodeValue", "RegionModifier_CodeMeaning",
-    ])
-    for lab in table:
-        mod = lab.type_modifier.as_list() if lab.type_modifier else ["", "", ""]
-        w.writerow([lab.value, lab.name, *lab.color, 255, *lab.category.as_list(), *lab.type.as_list(), *mod, "", "", "", "", "", ""])
-    return buf.getvalue()
-
-
-def write_segmentation(path: str | Path, labels: Volume, table: Sequence[LabelInfo]) -> list[Path]:
-    """Write ``labels`` in the format the file name asks for; returns every file written."""
-    if has_suffix(path, SEG_SUFFIXES):
-        write_seg_nrrd(path, labels, table)
-        return [Path(path)]
-    if has_suffix(path, LABELMAP_SUFFIXES):
-        return [Path(path), write_labelmap_nifti(path, labels, table)]
-    raise UserError(f"cannot write {Path(path).name}: give an output ending in .seg.nrrd, .nii or .nii.gz")
-
-
-OUTPUT_SUFFIXES = SEG_SUFFIXES + LABELMAP_SUFFIXES

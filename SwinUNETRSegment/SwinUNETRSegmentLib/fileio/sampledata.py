@@ -17,7 +17,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from .errors import UserError
+from SwinUNETRSegmentLib.errors import UserError
 
 TS_VERSION = "2.18.0"
 TS_MEMBERS = (
@@ -113,7 +113,7 @@ def write_demo_datalist(out_dir: Path, cache: Path | None = None) -> tuple[Path,
     dl.write_text(json.dumps(datalist, indent=2) + "\n")
     lm = out_dir / "totalseg_to_btcv.json"
     lm.write_text(json.dumps({str(k): v for k, v in TOTALSEG_TO_BTCV.items()}, indent=2) + "\n")
-    from .cards import BUILTIN_CARD_DIR
+    from SwinUNETRSegmentLib.models.cards import BUILTIN_CARD_DIR
 
     base = json.loads((BUILTIN_CARD_DIR / "demo.json").read_text(encoding="utf-8"))
     base["checkpoint"] = {}

@@ -12,6 +12,8 @@ Exit codes: 0 done; 2 bad input (one line on stderr says what to do); 130 interr
 """
 
 from __future__ import annotations
+from SwinUNETRSegmentLib.fileio.read import ITK_SUFFIXES, NIFTI_SUFFIXES, has_suffix, read_volume
+from SwinUNETRSegmentLib.fileio.write import LABELMAP_SUFFIXES, OUTPUT_SUFFIXES, SEG_SUFFIXES, check_output_path, label_table_path, write_segmentation
 
 import argparse
 import os
@@ -20,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .errors import CancelledError, UserError
+from SwinUNETRSegmentLib.errors import CancelledError, UserError
 
 PROG = "swinunetr-segment"
 
@@ -70,7 +72,7 @@ def _progress_printer(quiet: bool):
         return None, lambda: None
     from tqdm import tqdm
 
-    from .progress import format_seconds
+    from SwinUNETRSegmentLib.progress import format_seconds
 
     bar = tqdm(total=1000, file=sys.stderr, bar_format="{desc} |{bar}| {percentage:3.0f}% {postfix}", leave=False)
 
@@ -85,8 +87,8 @@ def _progress_printer(quiet: bool):
 
 def _model(args: argparse.Namespace):
     """(card, weights) that the options name; checked before any scan is read."""
-    from . import catalog
-    from .cards import load_card
+    from SwinUNETRSegmentLib.models import catalog
+    from SwinUNETRSegmentLib.models.cards import load_card
 
     if args.model and args.card:
         raise UserError("give --model NAME, or --card with --checkpoint, not both")
@@ -107,7 +109,7 @@ def _model(args: argparse.Namespace):
 
 
 def _segmenter(args: argparse.Namespace, card, weights):
-    from .engine import Segmenter
+    from SwinUNETRSegmentLib.inference.engine import Segmenter
 
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device in ("auto", "cuda"):
@@ -115,7 +117,7 @@ def _segmenter(args: argparse.Namespace, card, weights):
 
         if torch.cuda.is_available():  # torchrun: one GPU per process
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    from .fastpath import FastPath
+    from SwinUNETRSegmentLib.inference.options import FastPath
 
     segmenter = Segmenter(card, weights, device=device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                           fast=FastPath(precision=getattr(args, "precision", "auto")))
@@ -125,30 +127,28 @@ def _segmenter(args: argparse.Namespace, card, weights):
 
 def _is_batch(args: argparse.Namespace) -> bool:
     """A folder of scans to a folder of results: one -o without a segmentation file suffix."""
-    from . import imageio
 
-    return len(args.output) == 1 and not imageio.has_suffix(args.output[0], imageio.OUTPUT_SUFFIXES + (".png",)) \
+    return len(args.output) == 1 and not has_suffix(args.output[0], OUTPUT_SUFFIXES + (".png",)) \
         and Path(args.input).is_dir() and (Path(args.output[0]).is_dir() or args.output[0].endswith(("/", os.sep)))
 
 
 def run(args: argparse.Namespace, cancel: Optional[threading.Event] = None) -> list[Path]:
     """Do the work of one command line; returns the files written."""
-    from . import imageio
 
     if _is_batch(args):
         return run_batch(args, cancel)
     # 1. Everything that can be checked before reading the scan.
-    outputs = [imageio.check_output_path(o, args.overwrite, imageio.OUTPUT_SUFFIXES) for o in args.output]
+    outputs = [check_output_path(o, args.overwrite, OUTPUT_SUFFIXES) for o in args.output]
     for o in outputs:
-        if imageio.has_suffix(o, imageio.LABELMAP_SUFFIXES):
-            imageio.check_output_path(imageio.label_table_path(o), args.overwrite)
+        if has_suffix(o, LABELMAP_SUFFIXES):
+            check_output_path(label_table_path(o), args.overwrite)
     if len({str(o.resolve()) for o in outputs}) != len(outputs):
         raise UserError("the same output is given twice; give each -o a different file")
-    preview = imageio.check_output_path(args.preview, args.overwrite, (".png",)) if args.preview else None
+    preview = check_output_path(args.preview, args.overwrite, (".png",)) if args.preview else None
     card, weights = _model(args)
 
     # 2. The scan, the model, the work.
-    volume, info = imageio.read_volume(args.input, series_uid=args.series)
+    volume, info = read_volume(args.input, series_uid=args.series)
     _warn_modality(args, info, card)
     segmenter = _segmenter(args, card, weights)
     written = _segment_one(args, segmenter, volume, info, outputs, preview, cancel)
@@ -162,7 +162,6 @@ def _warn_modality(args, info, card) -> None:
 
 
 def _segment_one(args, segmenter, volume, info, outputs, preview, cancel) -> list[Path]:
-    from . import imageio
 
     card = segmenter.card
     callback, close = _progress_printer(args.quiet)
@@ -173,9 +172,9 @@ def _segment_one(args, segmenter, volume, info, outputs, preview, cancel) -> lis
     # Outputs, each written atomically.
     written: list[Path] = []
     for o in outputs:
-        written += imageio.write_segmentation(o, result.labels, card.labels)
+        written += write_segmentation(o, result.labels, card.labels)
     if preview is not None:
-        from .preview import write_preview
+        from SwinUNETRSegmentLib.fileio.preview import write_preview
 
         written.append(write_preview(preview, volume, result.labels, card.labels, info.modality or card.modality))
     found = [card.label(v).name for v in result.present_labels() if any(lab.value == v for lab in card.labels)]
@@ -187,14 +186,13 @@ def _segment_one(args, segmenter, volume, info, outputs, preview, cancel) -> lis
 
 def scan_entries(folder: Path) -> list[Path]:
     """The scans in a folder: image files, and subfolders that hold DICOM files."""
-    from . import imageio
 
     out = []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.is_file() and imageio.has_suffix(p, imageio.NIFTI_SUFFIXES + imageio.ITK_SUFFIXES) \
-                and not imageio.has_suffix(p, imageio.SEG_SUFFIXES):
+        if p.is_file() and has_suffix(p, NIFTI_SUFFIXES + ITK_SUFFIXES) \
+                and not has_suffix(p, SEG_SUFFIXES):
             out.append(p)
         elif p.is_dir():
             out.append(p)
@@ -214,12 +212,11 @@ def run_batch(args: argparse.Namespace, cancel: Optional[threading.Event] = None
     --preview), one model load for all. Under ``torchrun`` each process takes its share of
     the scans (scan n goes to rank n mod WORLD_SIZE). A bad scan is reported and skipped;
     the run then exits with code 2."""
-    from . import imageio
 
     src, dst = Path(args.input), Path(args.output[0])
     if not dst.is_dir():
         raise UserError(f"output folder does not exist: {dst}; create it first")
-    imageio.check_output_path(dst / ".probe.seg.nrrd", overwrite=True)
+    check_output_path(dst / ".probe.seg.nrrd", overwrite=True)
     cases = scan_entries(src)
     if not cases:
         raise UserError(f"folder {src} holds no scans (NIfTI, NRRD, MetaImage files or DICOM series folders)")
@@ -232,9 +229,9 @@ def run_batch(args: argparse.Namespace, cancel: Optional[threading.Event] = None
     for case in mine:
         name = _case_name(case)
         try:
-            out = imageio.check_output_path(dst / f"{name}.seg.nrrd", args.overwrite)
-            preview = imageio.check_output_path(dst / f"{name}.png", args.overwrite) if args.preview else None
-            volume, info = imageio.read_volume(case)
+            out = check_output_path(dst / f"{name}.seg.nrrd", args.overwrite)
+            preview = check_output_path(dst / f"{name}.png", args.overwrite) if args.preview else None
+            volume, info = read_volume(case)
             _warn_modality(args, info, card)
             written += _segment_one(args, segmenter, volume, info, [out], preview, cancel)
         except UserError as exc:
@@ -252,8 +249,8 @@ def demo(argv: Sequence[str]) -> int:
     pip) into the user cache; later runs need no network. Writes DIR/example_ct.seg.nrrd
     and DIR/example_ct.png (default DIR: ./swinunetr-demo) and prints where they are.
     """
-    from . import catalog
-    from .sampledata import reference_files
+    from SwinUNETRSegmentLib.models import catalog
+    from SwinUNETRSegmentLib.fileio.sampledata import reference_files
 
     p = _Parser(prog=f"{PROG} demo", description="Segment a real example CT with the built-in model, offline after the first run.")
     p.add_argument("--out", default="swinunetr-demo", help="output folder (default: ./swinunetr-demo)")
@@ -279,17 +276,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = "--debug" in argv
     try:
         if argv and argv[0] == "train":
-            from .training import main as train_main
+            from SwinUNETRSegmentLib.training.supervised import main as train_main
 
             return train_main([a for a in argv[1:] if a != "--debug"], _Parser)
         if argv and argv[0] == "pretrain":
-            from .pretrain import main as pretrain_main
+            from SwinUNETRSegmentLib.training.ssl.pretrain import main as pretrain_main
 
             return pretrain_main([a for a in argv[1:] if a != "--debug"], _Parser)
         if argv and argv[0] == "demo":
             return demo([a for a in argv[1:] if a != "--debug"])
         if argv and argv[0] == "models":
-            from .models_cli import main as models_main
+            from SwinUNETRSegmentLib.cli.models import main as models_main
 
             return models_main([a for a in argv[1:] if a != "--debug"], _Parser)
         args = build_parser(_Parser).parse_args(argv)

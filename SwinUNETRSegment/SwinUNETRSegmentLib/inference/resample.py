@@ -1,0 +1,252 @@
+"""The way back: network output in model space to labels on the input's exact grid.
+"""
+
+from __future__ import annotations
+from SwinUNETRSegmentLib.inference.windows import shift_affine
+import logging
+from typing import Callable, Optional, Sequence
+import numpy as np
+
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------
+# back to the input grid
+# ----------------------------------------------------------------------------------------
+def softmax_inplace(logits, chunk: int = 8) -> None:
+    """Softmax over channels of a ``(1, C, X, Y, Z)`` tensor, in place, a few slices at a time."""
+    import torch
+
+    for z0 in range(0, logits.shape[-1], chunk):
+        part = logits[..., z0:z0 + chunk]
+        part.copy_(torch.softmax(part, dim=1))
+
+
+def resample_probabilities(probs, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
+                           outside: str = "border", slab_voxels: int = 1 << 20, out: Optional[np.ndarray] = None,
+                           cancel: Optional[Callable[[], None]] = None, softmax: bool = False) -> np.ndarray:
+    """Labels on the input grid from model-space class probabilities, slab by slab.
+
+    Each slab of the destination (a few planes along its first axis) takes the part of
+    ``probs`` it needs (its bounding box in model space plus one voxel), interpolates all
+    channels linearly there with MONAI's SpatialResample and keeps only the argmax: the
+    same numbers as resampling the whole probability volume first (the reference's
+    bilinear Invertd) without ever holding it.
+
+    Args:
+        probs: ``(C, X, Y, Z)`` float tensor of probabilities (any device).
+        src_affine: its voxel-to-RAS 4x4.
+        dst_shape, dst_affine: the input grid.
+        outside: "border" (the nearest edge value, as Spacing's inverse) or "background"
+            (class 0 with probability 1 beyond ``probs``: for a crop of model space whose
+            surroundings are air).
+        slab_voxels: destination voxels per slab.
+        out: optional uint8 array of ``dst_shape`` to write into.
+        cancel: called between slabs; raises to stop.
+        softmax: ``probs`` are logits: take the softmax of each slab's part first.
+
+    Returns:
+        uint8 labels of ``dst_shape``.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    dst_shape = tuple(int(s) for s in dst_shape)
+    labels = np.empty(dst_shape, np.uint8) if out is None else out
+    src_shape = np.array(probs.shape[1:])
+    to_src = np.linalg.solve(np.asarray(src_affine, np.float64), np.asarray(dst_affine, np.float64))
+    plane = int(np.prod(dst_shape[1:]))
+    step = max(1, int(slab_voxels) // max(plane, 1))
+    if outside not in ("border", "background"):
+        raise ValueError(f"outside must be 'border' or 'background', got {outside!r}")
+    resample = SpatialResample(mode="bilinear", padding_mode="border" if outside == "border" else "zeros", dtype=torch.float32)
+    for i0 in range(0, dst_shape[0], step):
+        if cancel is not None:
+            cancel()
+        i1 = min(i0 + step, dst_shape[0])
+        corners = np.array([[i, j, k, 1.0] for i in (i0, i1 - 1) for j in (0, dst_shape[1] - 1) for k in (0, dst_shape[2] - 1)])
+        pts = (corners @ to_src.T)[:, :3]
+        lo = np.clip(np.floor(pts.min(0)).astype(int) - 1, 0, src_shape - 1)
+        hi = np.clip(np.ceil(pts.max(0)).astype(int) + 2, lo + 1, src_shape)
+        sub = probs[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        sub = torch.softmax(sub.float(), dim=0) if softmax else sub.float()
+        src = MetaTensor(sub, affine=torch.as_tensor(shift_affine(src_affine, lo)))
+        slab = resample(src, dst_affine=torch.as_tensor(shift_affine(dst_affine, (i0, 0, 0))),
+                        spatial_size=(i1 - i0,) + dst_shape[1:])
+        p = slab.as_tensor()
+        if outside == "background":
+            # Zero padding dropped the weight of the neighbours beyond the crop; it is
+            # background's: the probabilities of a voxel still sum to one.
+            p[0] += 1.0 - p.sum(dim=0)
+        labels[i0:i1] = p.argmax(dim=0).to(torch.uint8).cpu().numpy()
+    return labels
+
+
+def _cell_labels(labels, outside: str):
+    """For each cell of model space (the 2 x 2 x 2 voxels around a point between voxel
+    centres) the label its eight corners share, or 255 where they differ.
+
+    The label map is first padded the way the resampling pads: one copy of the last plane
+    after each axis ("border": a clamped coordinate lands on the edge voxel), or one plane
+    of background on both sides ("background")."""
+    import torch
+
+    lab = labels
+    if outside == "border":
+        lab = torch.nn.functional.pad(lab[None, None].float(), (0, 1, 0, 1, 0, 1), mode="replicate")[0, 0].to(torch.uint8)
+    else:
+        lab = torch.nn.functional.pad(lab, (1, 2, 1, 2, 1, 2), value=0)
+    first = lab[:-1, :-1, :-1]
+    same = torch.ones_like(first, dtype=torch.bool)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                if dx or dy or dz:
+                    same &= lab[dx:dx + first.shape[0], dy:dy + first.shape[1], dz:dz + first.shape[2]] == first
+    cells = torch.where(same, first, torch.full_like(first, 255))
+    return cells.contiguous()
+
+
+#: above this share of boundary voxels in a slab, resample_argmax interpolates the whole slab
+DENSE_BOUNDARIES = 0.2
+
+
+def resample_argmax(logits, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
+                    outside: str = "border", slab_voxels: int = 1 << 22, out: Optional[np.ndarray] = None,
+                    cancel: Optional[Callable[[], None]] = None) -> np.ndarray:
+    """The labels of :func:`resample_probabilities` (linear probabilities, then argmax), with
+    labels doing the travelling and probabilities computed only where a boundary lies.
+
+    Written by hand because no library does this: linear interpolation mixes the eight
+    model-space voxels around a point with weights that sum to one, so where all eight have
+    the same argmax label that label also wins the mix (a convex combination keeps every
+    ``p_L >= p_c``). Each input voxel therefore looks up its cell's shared label in a uint8
+    map; only voxels whose cell straddles a boundary (a few percent) interpolate the
+    softmax of the 14 channels at their eight corners. Same labels as the reference's
+    ``Invertd`` + argmax up to float rounding at exact ties, in a fraction of the time and
+    with no full-resolution float copy at all.
+
+    Args:
+        logits: ``(C, X, Y, Z)`` float tensor of the stitched network output (not softmaxed).
+        src_affine, dst_shape, dst_affine, outside, slab_voxels, out, cancel: as
+            :func:`resample_probabilities`.
+    """
+    import torch
+
+    if outside not in ("border", "background"):
+        raise ValueError(f"outside must be 'border' or 'background', got {outside!r}")
+    dst_shape = tuple(int(s) for s in dst_shape)
+    labels_out = np.empty(dst_shape, np.uint8) if out is None else out
+    n_classes = int(logits.shape[0])
+    if n_classes >= 255:  # 255 marks a boundary cell
+        probs = torch.softmax(logits.float(), dim=0)
+        return resample_probabilities(probs, src_affine, dst_shape, dst_affine, outside, slab_voxels, labels_out, cancel)
+    device = logits.device
+    src_shape = [int(s) for s in logits.shape[1:]]
+    model_labels = channel_argmax(logits)
+    cells = _cell_labels(model_labels, outside)
+    del model_labels
+    cell_shape = cells.shape
+    cells_flat = cells.reshape(-1)
+    shift = 0.0 if outside == "border" else 1.0  # padded coordinates
+    # the padded label map's extent: coordinates are clamped into it
+    top = [float(n - 1) if outside == "border" else float(n + 1) for n in src_shape]
+
+    xform = np.linalg.solve(np.asarray(src_affine, np.float64), np.asarray(dst_affine, np.float64))
+    a = torch.as_tensor(xform[:3, :3], dtype=torch.float64)
+    plane = dst_shape[1] * dst_shape[2]
+    step = max(1, int(slab_voxels) // max(plane, 1))
+    j = torch.arange(dst_shape[1], dtype=torch.float64, device=device)
+    k = torch.arange(dst_shape[2], dtype=torch.float64, device=device)
+    # the in-plane part of each coordinate once, float64 then float32 (MONAI's grid is float32)
+    jk = [(a[d, 1].item() * j[:, None] + a[d, 2].item() * k[None, :] + xform[d, 3] + shift) for d in range(3)]
+    for i0 in range(0, dst_shape[0], step):
+        if cancel is not None:
+            cancel()
+        i1 = min(i0 + step, dst_shape[0])
+        i = torch.arange(i0, i1, dtype=torch.float64, device=device)
+        coords, base, frac = [], [], []
+        for d in range(3):
+            c = (a[d, 0].item() * i[:, None, None] + jk[d][None]).to(torch.float32).clamp_(0.0, top[d])
+            b = c.floor()
+            f = c - b
+            b = b.to(torch.int64).clamp_(max=cell_shape[d] - 1)
+            coords.append(c)
+            base.append(b)
+            frac.append(f)
+        flat = (base[0] * cell_shape[1] + base[1]) * cell_shape[2] + base[2]
+        lab = cells_flat[flat]
+        edge = lab == 255
+        if float(edge.float().mean()) > DENSE_BOUNDARIES:
+            # Boundaries nearly everywhere (an untrained network's noise): interpolating every
+            # channel with grid_sample is then cheaper than gathering corners voxel by voxel.
+            del coords, base, frac, flat, lab, edge
+            resample_probabilities(logits, src_affine, (i1 - i0,) + dst_shape[1:], shift_affine(dst_affine, (i0, 0, 0)),
+                                   outside=outside, slab_voxels=slab_voxels, out=labels_out[i0:i1], softmax=True)
+            continue
+        if bool(edge.any()):
+            lab[edge] = _interpolated_argmax(logits, [b[edge] for b in base], [f[edge] for f in frac], src_shape,
+                                             outside)
+        labels_out[i0:i1] = lab.cpu().numpy()
+        del coords, base, frac, flat, lab, edge
+    return labels_out
+
+
+def channel_argmax(scores):
+    """uint8 argmax over the first axis of ``(C, ...)``, the first class winning ties like
+    ``torch.argmax``. One running maximum over the channels: about 2 x faster on the CPU
+    than ``argmax(dim=0)``, whose reduction strides across channel planes."""
+    import torch
+
+    best = scores[0].clone()
+    out = torch.zeros(scores.shape[1:], dtype=torch.uint8, device=scores.device)
+    for c in range(1, scores.shape[0]):
+        better = scores[c] > best
+        out.masked_fill_(better, c)
+        torch.maximum(best, scores[c], out=best)
+    return out
+
+
+def _interpolated_argmax(logits, base, frac, src_shape, outside: str):
+    """argmax of the linearly interpolated softmax at the given points (padded cell corner
+    ``base`` and fractions ``frac`` per axis), corners beyond the image per ``outside``."""
+    import torch
+
+    n_classes = logits.shape[0]
+    flat_logits = logits.reshape(n_classes, -1)
+    strides = (src_shape[1] * src_shape[2], src_shape[2], 1)
+    # per axis and corner side (0: below, 1: above): weight, flat-index term, inside mask
+    weight, term, inside = [], [], []
+    for d in range(3):
+        w_d, t_d, in_d = [], [], []
+        for side in (0, 1):
+            q = base[d] + side
+            if outside == "border":
+                ok = None
+                q = q.clamp_(max=src_shape[d] - 1)
+            else:
+                q -= 1  # the padding plane
+                ok = (q >= 0) & (q < src_shape[d])
+                q = q.clamp_(0, src_shape[d] - 1)
+            w_d.append(frac[d] if side else 1.0 - frac[d])
+            t_d.append(q * strides[d])
+            in_d.append(ok)
+        weight.append(w_d)
+        term.append(t_d)
+        inside.append(in_d)
+    mixed = None
+    for dx in (0, 1):
+        for dy in (0, 1):
+            wxy = weight[0][dx] * weight[1][dy]
+            txy = term[0][dx] + term[1][dy]
+            for dz in (0, 1):
+                p = torch.softmax(flat_logits.index_select(1, txy + term[2][dz]).float(), dim=0)
+                if outside != "border":  # beyond the image: background with probability one
+                    ok = inside[0][dx] & inside[1][dy] & inside[2][dz]
+                    p *= ok[None]
+                    p[0] += ~ok
+                p *= (wxy * weight[2][dz])[None]
+                mixed = p if mixed is None else mixed.add_(p)
+    return channel_argmax(mixed)

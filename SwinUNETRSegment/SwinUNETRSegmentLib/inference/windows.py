@@ -1,0 +1,142 @@
+"""The sliding windows in model space: MONAI's window grid, the windows that hold only air,
+the body's box, and the prepared model-space volume they run over.
+"""
+
+from __future__ import annotations
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------
+# windows: the grid MONAI uses, air windows, the body's box
+# ----------------------------------------------------------------------------------------
+def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> list[int]:
+    """MONAI's step between windows (monai.inferers.utils._get_scan_interval) on an image
+    already padded up to the window size."""
+    return [int(r) if int(r) == int(s) else max(int(int(r) * (1 - overlap)), 1) for s, r in zip(image_size, roi_size)]
+
+
+def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's sliding-window inferer runs over an image of ``image_size``
+    (padded up to the window size first, as monai.inferers.utils does)."""
+    from monai.data.utils import dense_patch_slices
+
+    size = [max(int(s), int(r)) for s, r in zip(image_size, roi_size)]
+    return len(dense_patch_slices(size, list(roi_size), scan_interval(size, roi_size, overlap)))
+
+
+def monai_padding(shape: Sequence[int], roi_size: Sequence[int]) -> list[tuple[int, int]]:
+    """(before, after) padding per axis that sliding_window_inference adds to a small image."""
+    out = []
+    for s, r in zip(shape, roi_size):
+        diff = max(int(r) - int(s), 0)
+        out.append((diff // 2, diff - diff // 2))
+    return out
+
+
+def air_window_starts(air, roi_size: Sequence[int], overlap: float, pad_is_air: bool) -> set[tuple[int, ...]]:
+    """Start corners (in MONAI's padded coordinates) of the windows that hold only air.
+
+    Args:
+        air: bool tensor ``(X, Y, Z)``, True where the model-space voxel is below the
+            intensity window (it becomes exactly ``b_min``).
+        pad_is_air: whether MONAI's constant padding (0) equals ``b_min``.
+    """
+    import torch
+    from monai.data.utils import dense_patch_slices
+
+    pads = monai_padding(air.shape, roi_size)
+    if any(p for pair in pads for p in pair):
+        flat = [p for pair in reversed(pads) for p in pair]
+        air = torch.nn.functional.pad(air[None, None].to(torch.uint8), flat, value=int(pad_is_air))[0, 0].bool()
+    size = list(air.shape)
+    interval = scan_interval(size, roi_size, overlap)
+    # One pass of cumulative sums instead of one .all() per window: a window is air when
+    # its count of non-air voxels is zero.
+    body = (~air).to(torch.int32)
+    cs = torch.nn.functional.pad(body.cumsum(0).cumsum(1).cumsum(2), (1, 0, 1, 0, 1, 0))
+    out = set()
+    for sl in dense_patch_slices(size, list(roi_size), interval):
+        (x0, x1), (y0, y1), (z0, z1) = ((s.start, s.stop) for s in sl)
+        n = (cs[x1, y1, z1] - cs[x0, y1, z1] - cs[x1, y0, z1] - cs[x1, y1, z0]
+             + cs[x0, y0, z1] + cs[x0, y1, z0] + cs[x1, y0, z0] - cs[x0, y0, z0])
+        if int(n) == 0:
+            out.add((x0, y0, z0))
+    return out
+
+
+def body_box(air, roi_size: Sequence[int], overlap: float) -> Optional[tuple[slice, slice, slice]]:
+    """The part of model space the windows must cover: the bounding box of the non-air
+    voxels, each start snapped down to the uncropped image's window grid, at least one
+    window long. None when the box is the whole image, saves no window (moving windows
+    changes a network's answer for nothing), or there is no body at all."""
+    import torch
+
+    shape = list(air.shape)
+    body = ~air
+    if not bool(body.any()):
+        return None
+    interval = scan_interval([max(s, r) for s, r in zip(shape, roi_size)], roi_size, overlap)
+    box = []
+    for axis in range(3):
+        b, c = (a for a in range(3) if a != axis)
+        hits = torch.nonzero(body.any(dim=c).any(dim=b)).flatten()
+        lo, hi = int(hits.min()), int(hits.max()) + 1
+        start = (lo // interval[axis]) * interval[axis]
+        roi = int(roi_size[axis])
+        stop = max(hi, min(start + roi, shape[axis]))
+        if stop - start < roi:
+            start = max(0, stop - roi)
+        box.append(slice(start, stop))
+    if all(s.start == 0 and s.stop == n for s, n in zip(box, shape)):
+        return None
+    if count_windows([s.stop - s.start for s in box], roi_size, overlap) >= count_windows(shape, roi_size, overlap):
+        return None  # no window saved: keep every window where the reference puts it
+    return tuple(box)  # type: ignore[return-value]
+
+
+def shift_affine(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
+    """The affine of a sub-grid starting at voxel ``start``."""
+    out = np.array(affine, dtype=np.float64, copy=True)
+    out[:3, 3] = out[:3, :3] @ np.asarray(start, dtype=np.float64) + out[:3, 3]
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# warm engine
+# ----------------------------------------------------------------------------------------
+def volume_key(array: np.ndarray, ijk_to_ras: np.ndarray, *extra: Any) -> str:
+    """A hash of the voxels, their dtype and shape, the grid, and ``extra`` settings.
+
+    Hashing costs about 0.1 s per 100 MB; it is what makes the cache safe when the same
+    array object is edited in place between two runs."""
+    h = hashlib.blake2b(digest_size=20)
+    arr = np.ascontiguousarray(array)
+    h.update(str((arr.dtype.str, arr.shape)).encode())
+    h.update(np.ascontiguousarray(ijk_to_ras, dtype=np.float64).tobytes())
+    h.update(repr(extra).encode())
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+@dataclass
+class Prepared:
+    """A volume in model space, ready for the windows.
+
+    Attributes:
+        image: ``(1, X, Y, Z)`` float32 tensor (the crop, when cropped), intensity-scaled.
+        affine: its voxel-to-RAS 4x4 (float64 numpy).
+        full_shape: model-space shape before cropping.
+        full_affine: model-space affine before cropping.
+        box: the crop (slices of the full model space) or None.
+        air_starts: start corners of the windows that hold only air.
+    """
+
+    image: Any
+    affine: np.ndarray
+    full_shape: tuple[int, int, int]
+    full_affine: np.ndarray
+    box: Optional[tuple[slice, slice, slice]] = None
+    air_starts: set = field(default_factory=set)
