@@ -1,4 +1,4 @@
-"""Building a card's network and loading weights into it, safely and completely.
+"""Loading weights into a card's network, safely and completely.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: a file that would run code
 when unpickled is refused, not executed. The weights must fit the card's network
@@ -8,13 +8,17 @@ the card, never a silent partial load.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
-from SwinUNETRSegmentLib.models.cards import ModelCard
 from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.fileio.atomic import file_digest
+from SwinUNETRSegmentLib.models.cards import ModelCard
+from SwinUNETRSegmentLib.models.networks import build_network  # re-exported: its home is models.networks
+
+__all__ = ["NESTED_KEYS", "STRIP_PREFIXES", "read_state_dict", "extract_state_dict", "load_weights", "load_model",
+           "sha256_file", "build_network"]
 
 #: Keys under which training scripts nest the network's state_dict.
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "network", "net")
@@ -22,30 +26,9 @@ NESTED_KEYS = ("state_dict", "model", "model_state_dict", "network", "net")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
-def build_network(card: ModelCard):
-    """A freshly initialised network as the card describes it: MONAI's SwinUNETR, or the
-    Swin-Unet decoder variant (``"decoder": "swin_unet"``) on the same Swin encoder."""
-    from monai.networks.nets import SwinUNETR
-
-    args = dict(card.network_args)
-    args.pop("img_size", None)  # older MONAI bundles pass it; current SwinUNETR infers it
-    args.setdefault("spatial_dims", 3)
-    try:
-        if card.decoder == "swin_unet":
-            from SwinUNETRSegmentLib.models.swin_unet import SwinUnet
-
-            return SwinUnet(**args)
-        return SwinUNETR(**args)
-    except (TypeError, ValueError, AssertionError) as exc:
-        raise UserError(f"model card {card.source}: SwinUNETR does not accept its network args ({exc}); fix 'network.args'") from None
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: str | Path) -> str:
+    """The SHA256 of a file (:func:`~SwinUNETRSegmentLib.fileio.atomic.file_digest`)."""
+    return file_digest(path, "sha256")
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:
@@ -64,7 +47,8 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             f"({reason}); save it with torch.save(model.state_dict(), path)"
         ) from None
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise UserError(f"cannot read checkpoint {p.name} ({' '.join(str(exc).split())[:160]}); it is not a PyTorch weights file or is truncated") from None
+        raise UserError(f"cannot read checkpoint {p.name} ({' '.join(str(exc).split())[:160]}); "
+                        "it is not a PyTorch weights file or is truncated") from None
     return extract_state_dict(obj, p.name)
 
 
@@ -78,7 +62,8 @@ def extract_state_dict(obj: Any, name: str = "checkpoint") -> dict[str, Any]:
                 obj = inner
                 break
     if not isinstance(obj, Mapping) or not obj:
-        raise UserError(f"checkpoint {name} holds no state_dict; expected a dict of tensors, or one under {', '.join(NESTED_KEYS)}")
+        raise UserError(f"checkpoint {name} holds no state_dict; expected a dict of tensors, "
+                        f"or one under {', '.join(NESTED_KEYS)}")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise UserError(f"checkpoint {name} holds no tensors; expected a state_dict")
@@ -104,9 +89,11 @@ def load_weights(model, state_dict: Mapping[str, Any], card: ModelCard, checkpoi
     result = model.load_state_dict(dict(state_dict), strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing:
-        raise UserError(f"{where}: {len(missing)} weights are missing, e.g. '{missing[0]}'; use the card the checkpoint was trained with")
+        raise UserError(f"{where}: {len(missing)} weights are missing, e.g. '{missing[0]}'; "
+                        "use the card the checkpoint was trained with")
     if unexpected:
-        raise UserError(f"{where}: {len(unexpected)} weights are not in the network, e.g. '{unexpected[0]}'; use the card the checkpoint was trained with")
+        raise UserError(f"{where}: {len(unexpected)} weights are not in the network, e.g. '{unexpected[0]}'; "
+                        "use the card the checkpoint was trained with")
 
 
 def load_model(card: ModelCard, checkpoint: str | Path):
