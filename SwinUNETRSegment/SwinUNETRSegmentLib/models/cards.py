@@ -8,11 +8,17 @@ anything: it is plain data, validated here field by field, and every problem is 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from SwinUNETRSegmentLib.errors import UserError
+
+__all__ = ["Code", "LabelInfo", "ModelCard", "Decoder", "Interpolation", "BlendMode", "load_card", "card_from_dict",
+           "builtin_card_names", "is_model_name", "check_model_name", "BUILTIN_CARD_DIR", "SUPPORTED_NETWORKS",
+           "DECODERS", "MODEL_NAME_RULE"]
 
 BUILTIN_CARD_DIR = Path(__file__).with_name("cards")
 
@@ -22,8 +28,62 @@ DICOM_MASTER = "Segmentation category and type - DICOM master list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 SUPPORTED_NETWORKS = ("SwinUNETR",)
-#: "unetr": SwinUNETR's convolutional decoder; "swin_unet": Swin-Unet's transformer decoder (Cao et al.).
-DECODERS = ("unetr", "swin_unet")
+
+
+class _Choice(str, Enum):
+    """A card field with a few allowed values; ``str(member)`` is its value, as in the JSON.
+
+    Cards are read before PyTorch is installed (the Slicer panel lists the catalog first),
+    so these are checked here without MONAI's ``look_up_option``, which imports torch.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(str(m.value) for m in cls)
+
+
+class Decoder(_Choice):
+    """``network.decoder``: the decoder on SwinUNETR's Swin encoder."""
+
+    UNETR = "unetr"  # SwinUNETR's convolutional decoder
+    SWIN_UNET = "swin_unet"  # Swin-Unet's transformer decoder (Cao et al.)
+
+
+class Interpolation(_Choice):
+    """``preprocessing.interpolation``: how the scan is resampled to the model's spacing."""
+
+    BILINEAR = "bilinear"
+    NEAREST = "nearest"
+
+
+class BlendMode(_Choice):
+    """``inference.blend_mode``: how overlapping windows are averaged (MONAI's ``BlendMode``)."""
+
+    CONSTANT = "constant"
+    GAUSSIAN = "gaussian"
+
+
+DECODERS = Decoder.values()
+
+#: What a model name may be: it names files in the catalog (``cards/NAME.json``,
+#: ``models/NAME/model.pt``), so it holds no path separator and is not ``..``.
+MODEL_NAME_RULE = "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit, without '..'"
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def is_model_name(name: object) -> bool:
+    """Whether ``name`` can name a model: see :data:`MODEL_NAME_RULE`."""
+    return isinstance(name, str) and _MODEL_NAME.fullmatch(name) is not None and ".." not in name
+
+
+def check_model_name(name: object, where: str, hint: str) -> str:
+    """``name`` if :func:`is_model_name`, else a UserError: ``where``, the rule and ``hint`` (what to do)."""
+    if not is_model_name(name):
+        raise UserError(f"{where}: {name!r} is not a usable model name ({MODEL_NAME_RULE}); {hint}")
+    return str(name)
 
 
 @dataclass(frozen=True)
@@ -152,6 +212,7 @@ class ModelCard:
 
 
 def builtin_card_names() -> list[str]:
+    """The names of the cards that ship in the package (``cards/*.json``)."""
     return sorted(p.stem for p in BUILTIN_CARD_DIR.glob("*.json"))
 
 
@@ -159,7 +220,7 @@ def load_card(name_or_path: str | Path) -> ModelCard:
     """A built-in card by name (``"btcv"``) or a card JSON file by path."""
     text = str(name_or_path)
     path = Path(text)
-    if not text.endswith(".json") and (BUILTIN_CARD_DIR / f"{text}.json").is_file():
+    if not text.endswith(".json") and is_model_name(text) and (BUILTIN_CARD_DIR / f"{text}.json").is_file():
         path = BUILTIN_CARD_DIR / f"{text}.json"
     elif not path.is_file():
         known = ", ".join(builtin_card_names())
@@ -186,14 +247,16 @@ def _get(d: dict, key: str, where: str, kind: type | tuple[type, ...] = object, 
 
 def _code(value: Any, where: str) -> Code:
     if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, str) for v in value)):
-        raise UserError(f"{where} must be [scheme, code value, meaning] strings, e.g. [\"SCT\", \"78961009\", \"Spleen\"]")
+        raise UserError(f"{where} must be [scheme, code value, meaning] strings, "
+                        "e.g. [\"SCT\", \"78961009\", \"Spleen\"]")
     return Code(*value)
 
 
 def _triple(value: Any, where: str, kind: type) -> tuple:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value] * 3
-    if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+    if not (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
         raise UserError(f"{where} must be three numbers, got {value!r}")
     if any(v <= 0 for v in value):
         raise UserError(f"{where} must be positive, got {value!r}")
@@ -205,14 +268,14 @@ def card_from_dict(data: Any, source: str = "<dict>") -> ModelCard:
     where = f"model card {source}"
     if not isinstance(data, dict):
         raise UserError(f"{where}: the top level must be a JSON object")
-    name = _get(data, "name", where, str)
+    name = check_model_name(_get(data, "name", where, str), f"{where}: 'name'", "give the card another 'name'")
     net = _get(data, "network", where, dict)
     net_name = _get(net, "name", f"{where} network", str)
     if net_name not in SUPPORTED_NETWORKS:
         raise UserError(f"{where}: network '{net_name}' is not supported; use one of {', '.join(SUPPORTED_NETWORKS)}")
     args = dict(_get(net, "args", f"{where} network", dict))
-    decoder = _get(net, "decoder", f"{where} network", str, "unetr")
-    if decoder not in DECODERS:
+    decoder = _get(net, "decoder", f"{where} network", str, Decoder.UNETR.value)
+    if decoder not in Decoder.values():
         raise UserError(f"{where}: network decoder '{decoder}' is not known; use one of {', '.join(DECODERS)}")
     for key in ("in_channels", "out_channels"):
         if not isinstance(args.get(key), int) or args[key] < 1:
@@ -226,8 +289,8 @@ def card_from_dict(data: Any, source: str = "<dict>") -> ModelCard:
     if not _is_axcodes(orientation):
         raise UserError(f"{pw}: orientation '{orientation}' is not three axis codes such as RAS or LPS")
     spacing = _triple(_get(pre, "spacing", pw), f"{pw} spacing", float)
-    interpolation = _get(pre, "interpolation", pw, str, "bilinear")
-    if interpolation not in ("bilinear", "nearest"):
+    interpolation = _get(pre, "interpolation", pw, str, Interpolation.BILINEAR.value)
+    if interpolation not in Interpolation.values():
         raise UserError(f"{pw}: interpolation must be 'bilinear' or 'nearest', got '{interpolation}'")
     intensity = dict(_get(pre, "intensity", pw, dict))
     for key in ("a_min", "a_max", "b_min", "b_max"):
@@ -248,8 +311,8 @@ def card_from_dict(data: Any, source: str = "<dict>") -> ModelCard:
     swb = int(_get(inf, "sw_batch_size", iw, int, 1))
     if swb < 1:
         raise UserError(f"{iw}: sw_batch_size must be at least 1")
-    blend = _get(inf, "blend_mode", iw, str, "constant")
-    if blend not in ("constant", "gaussian"):
+    blend = _get(inf, "blend_mode", iw, str, BlendMode.CONSTANT.value)
+    if blend not in BlendMode.values():
         raise UserError(f"{iw}: blend_mode must be 'constant' or 'gaussian'")
 
     raw_labels = _get(data, "labels", where, list)
@@ -261,12 +324,14 @@ def card_from_dict(data: Any, source: str = "<dict>") -> ModelCard:
             raise UserError(f"{lw} must be an object")
         value = _get(lab, "value", lw, int)
         if not 1 <= value < args["out_channels"]:
-            raise UserError(f"{lw}: value {value} must be between 1 and out_channels-1 ({args['out_channels'] - 1}); 0 is background")
+            raise UserError(f"{lw}: value {value} must be between 1 and out_channels-1 "
+                            f"({args['out_channels'] - 1}); 0 is background")
         if value in seen_values:
             raise UserError(f"{lw}: value {value} appears twice")
         seen_values.add(value)
         color = lab.get("color")
-        if not (isinstance(color, list) and len(color) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in color)):
+        if not (isinstance(color, list) and len(color) == 3
+                and all(isinstance(c, int) and 0 <= c <= 255 for c in color)):
             raise UserError(f"{lw}: color must be three integers 0..255")
         modifier = lab.get("type_modifier")
         labels.append(LabelInfo(
