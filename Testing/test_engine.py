@@ -12,7 +12,9 @@ import torch
 from conftest import GRIDS, make_affine, tiny_card
 
 from SwinUNETRSegmentLib.models import checkpoint as ckpt
-from SwinUNETRSegmentLib.inference.engine import Segmenter, count_windows, resolve_device
+from SwinUNETRSegmentLib.inference.devices import resolve_device
+from SwinUNETRSegmentLib.inference.engine import Segmenter
+from SwinUNETRSegmentLib.inference.windows import count_windows
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
 from SwinUNETRSegmentLib.geometry import Volume
 

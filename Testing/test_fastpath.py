@@ -28,7 +28,8 @@ import pytest
 import torch
 from conftest import GRIDS, make_affine, tiny_card
 
-from SwinUNETRSegmentLib.inference.engine import Segmenter, count_windows
+from SwinUNETRSegmentLib.inference.engine import Segmenter
+from SwinUNETRSegmentLib.inference.windows import count_windows
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
 from SwinUNETRSegmentLib.inference.options import FastPath
 from SwinUNETRSegmentLib.inference.devices import Plan
@@ -444,9 +445,10 @@ def _oom():
 
 
 def test_fallback_ladder_order():
-    assert inference_plans(torch.device("cuda:0"), 4) == [Plan("cuda:0", 4), Plan("cpu", 4), Plan("cpu", 2), Plan("cpu", 1)]
+    # "auto": MONAI's SlidingWindowInfererAdapt stitches on the GPU and moves to the CPU itself
+    assert inference_plans(torch.device("cuda:0"), 4) == [Plan("auto", 4), Plan("cpu", 2), Plan("cpu", 1)]
     assert inference_plans(torch.device("cuda:0"), 4, gpu_stitching=False) == [Plan("cpu", 4), Plan("cpu", 2), Plan("cpu", 1)]
-    assert inference_plans(torch.device("cuda:0"), 1) == [Plan("cuda:0", 1), Plan("cpu", 1)]
+    assert inference_plans(torch.device("cuda:0"), 1) == [Plan("auto", 1)]
     assert inference_plans(torch.device("cpu"), 4) == [Plan("cpu", 4)]
 
 
@@ -459,7 +461,7 @@ def test_fallbacks_happen_in_order_with_a_log_line(caplog):
             raise _oom()
         return "ok"
 
-    plans = inference_plans(torch.device("cuda:0"), 4)
+    plans = [Plan("cuda:0", 4), *inference_plans(torch.device("cuda:0"), 4, gpu_stitching=False)]
     with caplog.at_level(logging.WARNING, logger="SwinUNETRSegmentLib.inference.devices"):
         assert run_with_fallback(plans, attempt, empty_cache=lambda: emptied.append(1)) == "ok"
     assert tried == plans[:3]
@@ -515,8 +517,8 @@ def test_second_run_of_an_unchanged_volume_skips_preprocessing(monkeypatch):
     net = ThresholdNet()
     seg = Segmenter(oracle_card(), network=net, device="cpu")
     spaced = []
-    real = Segmenter._spaced
-    monkeypatch.setattr(Segmenter, "_spaced", lambda self, v: spaced.append(1) or real(self, v))
+    real = engine_module.prepare
+    monkeypatch.setattr(engine_module, "prepare", lambda *a: spaced.append(1) or real(*a))
     first = seg.segment(vol)
     second = seg.segment(vol)
     assert len(spaced) == 1 and second.stats["preprocess_cached"] and not first.stats["preprocess_cached"]

@@ -97,7 +97,7 @@ def test_without_torch_only_automatic_is_offered():
 
 
 def test_device_selector_on_this_machine():
-    from SwinUNETRSegmentLib.inference.engine import available_devices
+    from SwinUNETRSegmentLib.inference.devices import available_devices
 
     choices = panel.device_choices(available_devices())
     assert choices[0][0] == "auto" and choices[-1] == ("cpu", "CPU (slow)")

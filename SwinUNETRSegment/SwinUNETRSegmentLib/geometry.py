@@ -12,6 +12,7 @@ Slicer's ``arrayFromVolume`` returns axes ``K, J, I``: use :meth:`Volume.from_kj
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,3 +113,41 @@ class Volume:
         ras = np.atleast_2d(np.asarray(ras, dtype=np.float64))
         inv = np.linalg.inv(self.ijk_to_ras)
         return ras @ inv[:3, :3].T + inv[:3, 3]
+
+
+def shift_affine(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
+    """The affine of a sub-grid starting at voxel ``start``."""
+    out = np.array(affine, dtype=np.float64, copy=True)
+    out[:3, 3] = out[:3, :3] @ np.asarray(start, dtype=np.float64) + out[:3, 3]
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# warm engine
+# ----------------------------------------------------------------------------------------
+
+
+def check_volume(vol: Volume, source: str) -> None:
+    """Reject images a model cannot segment, with a one-line
+    :class:`~SwinUNETRSegmentLib.errors.UserError` that says why and what to do: no voxels,
+    a single voxel or slice, non-numeric or non-finite voxels, no valid voxel-to-world
+    matrix. ``source`` names the image in the message (a file name, "the volume")."""
+    from SwinUNETRSegmentLib.errors import UserError
+
+    shape = vol.shape
+    dims = " x ".join(str(s) for s in shape)
+    if int(np.prod(shape)) == 0:
+        raise UserError(f"{source} is empty (size {dims}); give a scan with voxels in it")
+    if all(s == 1 for s in shape):
+        raise UserError(f"{source} has a single voxel; give a 3D scan")
+    if any(s == 1 for s in shape):
+        raise UserError(f"{source} is a 2D image (one slice) ({dims}); give a single 3D scalar scan")
+    if vol.array.dtype.kind not in "biuf":
+        raise UserError(f"{source} has voxels of type {vol.array.dtype}; give a scan with real-valued voxels")
+    if vol.array.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(vol.array)))
+        if bad:
+            raise UserError(f"{source} has {bad} NaN or Inf voxels; fill them (e.g. with the background value) "
+                            "and try again")
+    if not np.all(np.isfinite(vol.ijk_to_ras)) or abs(np.linalg.det(vol.ijk_to_ras[:3, :3])) < 1e-12:
+        raise UserError(f"{source} has no valid voxel-to-world matrix (zero or undefined spacing); fix its header")

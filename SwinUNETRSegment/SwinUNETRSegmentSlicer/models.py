@@ -46,7 +46,7 @@ def devices() -> Optional[list[tuple[str, str]]]:
 
     if torch_problem() is not None:
         return None
-    from SwinUNETRSegmentLib.inference.engine import available_devices
+    from SwinUNETRSegmentLib.inference.devices import available_devices
 
     return available_devices()
 

@@ -15,7 +15,7 @@ import vtkSegmentationCorePython as vtkSegmentationCore
 
 import slicer
 
-from SwinUNETRSegmentLib.inference.engine import SegmentationResult
+from SwinUNETRSegmentLib.inference.api import SegmentationResult
 from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.merge import MODEL_TAG, STAMP_TAG, Action, ExistingSegment, MergePolicy, MergeStep, mask_stamp, name_key, plan_merge

@@ -49,7 +49,7 @@ def device_choices(devices: Optional[Sequence[tuple[str, str]]]) -> list[tuple[s
     """(value, label) items of the device selector.
 
     Args:
-        devices: :func:`SwinUNETRSegmentLib.engine.available_devices` (best first), or
+        devices: :func:`SwinUNETRSegmentLib.inference.devices.available_devices` (best first), or
             None when torch is not installed yet (then only "Automatic" is offered).
     """
     if not devices:

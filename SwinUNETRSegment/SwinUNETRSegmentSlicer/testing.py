@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from SwinUNETRSegmentLib.models.cards import ModelCard, load_card
-from SwinUNETRSegmentLib.inference.engine import SegmentationResult
+from SwinUNETRSegmentLib.inference.api import SegmentationResult
 from SwinUNETRSegmentLib.errors import CancelledError
 from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.progress import ProgressCallback, ProgressTracker

@@ -3,14 +3,64 @@ ladder of fallbacks when a GPU runs out of memory.
 """
 
 from __future__ import annotations
-import logging
+
 import contextlib
+import logging
 import os
+import platform
+import subprocess
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
+
 from SwinUNETRSegmentLib.errors import UserError
 
+__all__ = ["available_devices", "resolve_device", "cpu_has_native_bf16", "autocast_dtype", "autocast",
+           "physical_cores", "local_world_size", "configure_threads", "threads_for", "thread_count", "Plan", "inference_plans",
+           "is_out_of_memory", "run_with_fallback"]
+
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------
+# devices
+# ----------------------------------------------------------------------------------------
+def available_devices() -> list[tuple[str, str]]:
+    """(device string, human name) for every device torch can use here, best first."""
+    import torch
+
+    out = []
+    if torch.cuda.is_available():
+        for n in range(torch.cuda.device_count()):
+            out.append((f"cuda:{n}", torch.cuda.get_device_name(n)))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append(("mps", "Apple GPU (MPS)"))
+    out.append(("cpu", "CPU"))
+    return out
+
+
+def resolve_device(name: Optional[str] = "auto"):
+    """``"auto"`` picks CUDA, then Apple MPS, then the CPU; anything else is checked."""
+    import torch
+
+    if name in (None, "", "auto"):
+        return torch.device(available_devices()[0][0])
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps") from None
+    known = [d for d, _ in available_devices()]
+    here = f"devices here: {', '.join(known)}"
+    if dev.type == "cuda":
+        index = dev.index or 0
+        if f"cuda:{index}" not in known:
+            raise UserError(f"device '{name}' is not available on this machine ({here}); use --device auto")
+        return torch.device(f"cuda:{index}")
+    if dev.type == "mps" and "mps" not in known:
+        raise UserError(f"device 'mps' is not available on this machine ({here}); use --device auto")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda, cuda:N or mps")
+    return dev
 
 
 # ----------------------------------------------------------------------------------------
@@ -30,7 +80,9 @@ def cpu_has_native_bf16() -> bool:
         try:
             capability = str(torch.backends.cpu.get_cpu_capability())  # e.g. "AVX512", "AVX2"
             flags = _cpu_flags()
-            native = bool({"avx512_bf16", "amx_bf16"} & flags) or "AMX" in capability
+            # Both the CPU (its flags) and torch's kernels (ATEN_CPU_CAPABILITY can hold them
+            # to AVX2) must do bfloat16 natively.
+            native = "AMX" in capability or (bool({"avx512_bf16", "amx_bf16"} & flags) and "AVX512" in capability)
             if native:
                 a = torch.ones(8, 8, dtype=torch.bfloat16)
                 ok = bool(torch.isfinite((a @ a).float()).all())
@@ -81,39 +133,89 @@ def autocast(device, precision: str):
 
 
 def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (hyper-threads not counted)."""
+    """Physical cores among the CPUs this process may run on (hyper-threads not counted).
+
+    Linux: the CPU topology in /sys for the CPUs of this process's affinity mask; macOS:
+    ``sysctl hw.physicalcpu``; elsewhere (Windows) psutil when installed; else the
+    logical CPU count."""
     try:
         allowed = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        allowed = list(range(os.cpu_count() or 1))
-    cores = set()
-    for cpu in allowed:
-        base = f"/sys/devices/system/cpu/cpu{cpu}/topology"
-        try:
-            with open(f"{base}/core_id") as f:
-                core = f.read().strip()
-            with open(f"{base}/physical_package_id") as f:
-                package = f.read().strip()
-            cores.add((package, core))
-        except OSError:
-            cores.add(("cpu", str(cpu)))
-    return max(1, len(cores))
+        allowed = None
+    if allowed is not None and os.path.isdir("/sys/devices/system/cpu"):
+        cores = set()
+        for cpu in allowed:
+            base = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+            try:
+                with open(f"{base}/core_id") as f:
+                    core = f.read().strip()
+                with open(f"{base}/physical_package_id") as f:
+                    package = f.read().strip()
+                cores.add((package, core))
+            except OSError:
+                cores.add(("cpu", str(cpu)))
+        return max(1, len(cores))
+    if platform.system() == "Darwin":
+        with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
+            out = subprocess.run(["sysctl", "-n", "hw.physicalcpu"], capture_output=True, text=True, timeout=5)
+            return max(1, int(out.stdout.strip()))
+    with contextlib.suppress(Exception):
+        import psutil  # optional: not a dependency
+
+        n = psutil.cpu_count(logical=False)
+        if n:
+            return max(1, int(n))
+    return max(1, len(allowed) if allowed else (os.cpu_count() or 1))
+
+
+def local_world_size() -> int:
+    """Processes that share this machine's cores: torchrun's LOCAL_WORLD_SIZE, else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def threads_for(threads: Any) -> Optional[int]:
+    """The intra-op thread count ``threads`` asks for: an int as given; ``"auto"`` the
+    physical cores shared out among torchrun's processes on this machine (each at least
+    one), or None when the user fixed it with OMP_NUM_THREADS / MKL_NUM_THREADS or when
+    ``threads`` is None (torch's setting stays)."""
+    if threads is None:
+        return None
+    if threads == "auto":
+        if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+            return None
+        return max(1, physical_cores() // local_world_size())
+    return int(threads)
 
 
 def configure_threads(threads: Any) -> Optional[int]:
-    """Set torch's intra-op threads (``"auto"``: physical cores) unless the user fixed them
-    with OMP_NUM_THREADS; returns the count in use."""
+    """Set torch's intra-op threads as :func:`threads_for` says; returns the count in use.
+    Process-wide and not undone: for one run, use :func:`thread_count`."""
     import torch
 
-    if threads is None:
-        return torch.get_num_threads()
-    if threads == "auto":
-        if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
-            return torch.get_num_threads()
-        threads = physical_cores()
-    if torch.get_num_threads() != int(threads):
-        torch.set_num_threads(int(threads))
+    n = threads_for(threads)
+    if n is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def thread_count(threads: Any) -> Iterator[int]:
+    """torch's intra-op threads as :func:`threads_for` says while open, the caller's count
+    again after; yields the count in use."""
+    import torch
+
+    before = torch.get_num_threads()
+    n = threads_for(threads)
+    try:
+        if n is not None and n != before:
+            torch.set_num_threads(n)
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------
@@ -121,27 +223,30 @@ def configure_threads(threads: Any) -> Optional[int]:
 # ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
-    """One way to run the sliding windows: where the stitching buffer lives, windows per call."""
+    """One way to run the sliding windows: where the stitching buffer lives ("auto": on the
+    GPU, moving to the CPU when the GPU is full, as MONAI's ``SlidingWindowInfererAdapt``
+    does; or a device), and windows per network call."""
 
     stitch_device: str
     sw_batch_size: int
 
     def describe(self) -> str:
-        where = "on the GPU" if self.stitch_device.startswith("cuda") else "on the CPU"
+        if self.stitch_device == "auto":
+            where = "on the GPU, else on the CPU"
+        else:
+            where = "on the GPU" if self.stitch_device.startswith("cuda") else "on the CPU"
         return f"stitching {where}, {self.sw_batch_size} window{'s' if self.sw_batch_size != 1 else ''} per call"
 
 
 def inference_plans(device, sw_batch_size: int, gpu_stitching: bool = True) -> list[Plan]:
-    """The ladder of plans to try in order: for CUDA, GPU stitching (if allowed), then CPU
-    stitching, then halving the window batch down to one; elsewhere a single plan."""
+    """The ladder of plans to try in order: for CUDA, adaptive stitching (GPU, then CPU;
+    CPU only when ``gpu_stitching`` is off), then CPU stitching with the window batch
+    halved down to one; elsewhere a single plan."""
     kind = getattr(device, "type", str(device))
     if kind != "cuda":
         return [Plan(str(device), sw_batch_size)]
-    plans = []
-    if gpu_stitching:
-        plans.append(Plan(str(device), sw_batch_size))
+    plans = [Plan("auto" if gpu_stitching else "cpu", sw_batch_size)]
     b = sw_batch_size
-    plans.append(Plan("cpu", b))
     while b > 1:
         b //= 2
         plans.append(Plan("cpu", b))

@@ -3,10 +3,16 @@ cancel checks inside a call, and torch.compile.
 """
 
 from __future__ import annotations
-from SwinUNETRSegmentLib.inference.devices import autocast_dtype
-import logging
+
 import contextlib
-from typing import Callable, Optional
+import logging
+from collections.abc import Callable, Iterator
+from typing import Optional
+
+from SwinUNETRSegmentLib.inference.devices import autocast_dtype, cpu_has_native_bf16
+
+__all__ = ["cpu_windows_per_call", "is_swin", "use_fused_attention", "fused_attention", "network_dtype",
+           "cancel_checks", "maybe_compile"]
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +46,39 @@ def use_fused_attention(network, enabled: bool) -> int:
     ``use_flash_attention`` flag, read only at inference); returns how many were switched.
 
     One fused kernel instead of the bias add, mask add, softmax and two matrix products of
-    the plain attention: feature_size 48, 96^3, float32 on 2 CPU cores: 1.28 x faster per
-    window, outputs equal to 2e-6 (benchmarks/README.md)."""
+    the plain attention; the outputs agree to float rounding."""
     n = 0
-    for module in network.modules():
-        if hasattr(module, "use_flash_attention") and hasattr(module, "relative_position_bias_table"):
-            module.use_flash_attention = bool(enabled)
-            n += 1
+    for module in _attention_modules(network):
+        module.use_flash_attention = bool(enabled)
+        n += 1
     return n
+
+
+def _attention_modules(network) -> list:
+    return [m for m in network.modules() if hasattr(m, "use_flash_attention") and hasattr(m, "relative_position_bias_table")]
+
+
+@contextlib.contextmanager
+def fused_attention(network, enabled: bool) -> Iterator[int]:
+    """:func:`use_fused_attention` while open; each module's own flag again after (a
+    caller's network is left as it was). Yields how many modules were switched."""
+    modules = _attention_modules(network)
+    before = [m.use_flash_attention for m in modules]
+    try:
+        yield use_fused_attention(network, enabled)
+    finally:
+        for m, flag in zip(modules, before):
+            m.use_flash_attention = flag
 
 
 def network_dtype(device, precision: str, network, bf16_weights: bool):
     """The dtype to hold ``network``'s weights in: bfloat16 for a Swin network on a CPU that
-    runs bfloat16 natively (when allowed), else float32 (autocast then does the rest)."""
+    runs bfloat16 natively (when allowed), else float32 (autocast then does the rest). A
+    CPU that only emulates bfloat16 never gets bfloat16 weights, even when bfloat16 was
+    asked for: it then runs under bfloat16 autocast."""
     import torch
 
-    if (bf16_weights and getattr(device, "type", str(device)) == "cpu"
+    if (bf16_weights and getattr(device, "type", str(device)) == "cpu" and cpu_has_native_bf16()
             and autocast_dtype(device, precision) == torch.bfloat16 and is_swin(network)):
         return torch.bfloat16
     return torch.float32
@@ -86,6 +109,6 @@ def maybe_compile(network, enabled: bool):
 
     try:
         return torch.compile(network, dynamic=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # torch.compile fails in many ways where it is unsupported
         log.warning("torch.compile is not available here (%s); running uncompiled", exc)
         return network

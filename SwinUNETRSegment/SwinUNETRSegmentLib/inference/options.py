@@ -1,35 +1,30 @@
-"""The engine's fast path: the pieces that make a segmentation cheaper, each switchable.
+"""The fast path's switches: what each piece does and whether it changes the answer.
 
 :class:`FastPath` holds the switches; :class:`~.engine.Segmenter` takes one (``fast=``).
 Every piece is small and tested against the plain path on the same input
-(``Testing/test_fastpath.py``); ``benchmarks/bench_cpu.py`` measures each against the
-MONAI model-zoo reference pipeline.
+(``Testing/test_fastpath.py``); what each gains is measured against the MONAI model-zoo
+reference pipeline by ``benchmarks/`` and recorded in ``benchmarks/README.md``, not here.
 
-Pieces, and what each may change in the answer:
-
-* **precision**: bfloat16 autocast on CPUs with native bfloat16 (AVX512-BF16 / AMX),
-  float16 autocast on CUDA. Changes logits in the third significant digit; labels only
-  where two classes are nearly tied.
+* **precision**: bfloat16 on CPUs with native bfloat16 (AVX512-BF16 / AMX), float16
+  autocast on CUDA. Changes logits in the third significant digit; labels only where two
+  classes are nearly tied.
 * **bf16_weights**: on such CPUs a SwinUNETR runs with bfloat16 weights and inputs rather
-  than under autocast, which casts around every norm and residual add of the full-size
-  decoder: 1.13 x faster per window (feature_size 48), the same error as autocast.
+  than under autocast (which casts around every norm and residual add). Never on a CPU
+  that only emulates bfloat16. The same error as autocast.
 * **fused_attention**: the Swin blocks' window attention through one fused
-  ``scaled_dot_product_attention`` (MONAI's ``use_flash_attention``): 1.28 x faster per
-  window in float32, outputs equal to 2e-6. Changes nothing beyond rounding.
+  ``scaled_dot_product_attention`` (MONAI's ``use_flash_attention``). Changes nothing
+  beyond rounding.
 * **cached_attention**: with fused attention, the shifted windows' attention mask and the
   relative position bias are built once per segmentation and broadcast over a call's
   windows, where MONAI rebuilds, expands and copies them on every call
-  (:mod:`.window_attention`): 1.18 x faster per window at feature_size 48 (bfloat16, 96^3,
-  two windows per call), 1.75 x at feature_size 12 (64^3; benchmarks/bench_network.py).
-  Outputs bit for bit MONAI's.
+  (:mod:`.cpu.window_attention`). Outputs bit for bit MONAI's.
 * **pointwise_matmul**: on the CPU the 1x1x1 convolutions and the 2x2x2 stride-2
   transposed convolutions of the decoder run as one matrix product over the channels
-  instead of through oneDNN's NCDHW path, which reorders the activations around every call
-  (:mod:`.pointwise_convs`): 1.15 x per window at feature_size 48 (bfloat16, 96^3). The same
-  sums; outputs equal bit for bit except where a large product's blocking changes the
-  summation order (one rounding step).
+  instead of through oneDNN's NCDHW path (:mod:`.cpu.pointwise_convs`). The same sums;
+  equal bit for bit except where a large product's blocking changes the summation order.
 * **threads**: torch's intra-op thread count from the physical cores this process may use
-  (hyper-threads slow convolutions down). Changes nothing.
+  (hyper-threads slow convolutions down), shared among torchrun's processes on the
+  machine; restored after the run. Changes nothing.
 * **skip_air**: a sliding window whose voxels all lie below the intensity window (air, the
   scanner's surroundings) is not run through the network: after clipping such a window is
   exactly the constant ``b_min``, so its output is the network's output for a constant
@@ -38,47 +33,68 @@ Pieces, and what each may change in the answer:
 * **crop_to_body**: sliding windows cover only the bounding box of the body (non-air voxels
   in model space), its start snapped to the window grid of the uncropped image so that
   interior windows sit where the reference puts them; voxels outside the box are
-  background; no crop when it would save no window. The number of windows then follows
-  the body, not the field of view. Changes the answer (the windows at the box's far edges
-  sit elsewhere, and a network's answer depends on its window): an early checkpoint of the
-  demo model gave 0.45 mean Dice against the reference on the air-padded CT (it never
-  saw air around a body in training), so it is off by default (benchmarks/README.md).
-* **resample** ``"boundaries"`` (the default): the labels of ``"probabilities"`` below,
-  computed from a uint8 label map: wherever the eight model-space voxels around an input
-  voxel share one argmax label, linear interpolation cannot change the winner, so only the
-  voxels on a boundary interpolate the softmax of the 14 channels (:func:`resample_argmax`).
-  Changes nothing beyond float rounding at exact ties (tested against MONAI's ``Invertd``).
-  ``"probabilities"``: softmax probabilities interpolated linearly from model
-  space to the input grid slab by slab (then argmax per slab), which is what the
-  reference's bilinear ``Invertd`` + argmax computes, without a full-resolution float copy
-  of the 14 channels. ``"labels"``: argmax in model space, nearest-neighbour labels back
-  (the cheapest; boundaries move by up to half a model voxel).
+  background; no crop when it would save no window. Changes the answer (the windows at
+  the box's far edges sit elsewhere, and a network's answer depends on its window), so it
+  is off by default.
+* **resample**: the way back to the input grid (:mod:`.resample`): ``"boundaries"`` (the
+  default; the labels of ``"probabilities"`` with probabilities computed only at
+  boundaries; changes nothing beyond float rounding at exact ties), ``"probabilities"``
+  (what the reference's bilinear ``Invertd`` + argmax computes, slab by slab) or
+  ``"labels"`` (nearest neighbour; boundaries move by up to half a model voxel).
 * **cpu_batch**: windows per network call on the CPU. "auto" gives a SwinUNETR two (never
-  more than the card's sw_batch_size) and other networks (stand-ins) one. Before the cached
-  attention, two windows per call ran about 1.2 x faster than one (feature_size 48,
-  bfloat16); with it, one, two and four per call cost the same per window (3.1, 3.1,
-  3.2 s; peak RSS 1.6, 2.2, 3.2 GB), so a caller short of memory may set 1. Cancel is
-  checked inside the network between its blocks, so it still acts within one window.
-  Changes the answer by float rounding only.
-* **gpu_stitching**: on CUDA the stitching buffer lives on the GPU; on out-of-memory the
-  engine falls back to CPU stitching, then to smaller window batches (a log line each).
-* **compile**: ``torch.compile`` of the network. Off by default: on 2 CPU cores it took
-  167 s to compile a feature_size-48 SwinUNETR and the compiled calls were no faster
-  (8.3-9.0 s against eager 7.8-8.0 s per two 96^3 windows; benchmarks/README.md).
+  more than the card's sw_batch_size) and other networks one; a caller short of memory
+  may set 1. Cancel is checked inside the network between its blocks, so it still acts
+  within one window. Changes the answer by float rounding only.
+* **gpu_stitching**: on CUDA the stitching buffer lives on the GPU (MONAI's
+  ``SlidingWindowInfererAdapt`` moves it to the CPU when the GPU is full); then smaller
+  window batches (a log line each).
+* **compile**: ``torch.compile`` of the network. Off by default: it was measured to take
+  minutes to compile on a CPU for no faster calls.
 * **cache_preprocessed**: a second segmentation of the same voxels and grid reuses the
   model-space tensor (the key is a hash of the voxels, so an edited volume is redone).
 """
 
 from __future__ import annotations
+
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any, Optional
+
 from SwinUNETRSegmentLib.errors import UserError
 
+__all__ = ["FastPath", "Precision", "ResampleMode", "PRECISIONS", "RESAMPLE_MODES"]
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+class Precision(str, Enum):
+    """The network's arithmetic: see :class:`FastPath` ``precision``."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
 
 
-RESAMPLE_MODES = ("boundaries", "probabilities", "labels")
+class ResampleMode(str, Enum):
+    """The way back to the input grid: see :mod:`.resample`."""
+
+    BOUNDARIES = "boundaries"
+    PROBABILITIES = "probabilities"
+    LABELS = "labels"
+
+
+PRECISIONS = tuple(p.value for p in Precision)
+RESAMPLE_MODES = tuple(m.value for m in ResampleMode)
+
+
+def _option(value: Any, kind: type[Enum], what: str) -> str:
+    """``value`` checked with MONAI's ``look_up_option`` against ``kind``; its plain string."""
+    from monai.utils import look_up_option
+
+    try:
+        return str(look_up_option(value.value if isinstance(value, Enum) else value, kind).value)
+    except (ValueError, TypeError):
+        allowed = ", ".join(m.value for m in kind)
+        raise UserError(f"{what} must be one of {allowed}, got '{value}'") from None
 
 
 @dataclass(frozen=True)
@@ -129,10 +145,8 @@ class FastPath:
     slab_voxels: int = 1 << 20
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
-        if self.resample not in RESAMPLE_MODES:
-            raise UserError(f"resample must be one of {', '.join(RESAMPLE_MODES)}, got '{self.resample}'")
+        object.__setattr__(self, "precision", _option(self.precision, Precision, "precision"))
+        object.__setattr__(self, "resample", _option(self.resample, ResampleMode, "resample"))
         if self.threads not in (None, "auto") and (not isinstance(self.threads, int) or self.threads < 1):
             raise UserError(f"threads must be a positive integer, 'auto' or None, got {self.threads!r}")
         if self.cpu_batch is not None and (not isinstance(self.cpu_batch, int) or self.cpu_batch < 1):

@@ -22,7 +22,7 @@ from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.models.cards import ModelCard
 
 __all__ = ["AXIS_LABELS", "to_metatensor", "geometric_transforms", "intensity_transform", "model_space_transforms",
-           "air_floor", "air_is_constant"]
+           "to_model_space", "air_floor", "air_is_constant"]
 
 #: MONAI's names for the ends of each axis, so that "RAS" means what Slicer and NIfTI mean
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -77,6 +77,15 @@ def model_space_transforms(card: ModelCard, image_key: str | None = None, label_
     for the image. ``image_key=None`` gives array transforms for a single image."""
     keys = None if image_key is None else [image_key, *label_keys]
     return geometric_transforms(card, keys, label_keys) + [intensity_transform(card, image_key)]
+
+
+def to_model_space(card: ModelCard, volume: Volume):
+    """The whole volume in model space: a ``(1, X, Y, Z)`` float32 MetaTensor whose affine
+    is its voxel-to-RAS matrix there."""
+    img = to_metatensor(volume, np.float32)
+    for t in model_space_transforms(card):
+        img = t(img)
+    return img
 
 
 def air_is_constant(card: ModelCard) -> bool:

@@ -1,14 +1,102 @@
 """The way back: network output in model space to labels on the input's exact grid.
+
+The step-by-step inverse of :mod:`.preprocess`: MONAI's ``SpatialResample`` between the
+model-space affine (orientation and spacing applied) and the input's IJK-to-RAS, so the
+labels come back with the input's exact shape and matrix. Three ways, as
+:class:`~.options.FastPath` ``resample`` chooses:
+
+* ``"boundaries"`` (default): the labels of ``"probabilities"``, computed from a uint8
+  label map, with probabilities interpolated only at voxels on a boundary
+  (:func:`resample_argmax`);
+* ``"probabilities"``: softmax probabilities interpolated linearly slab by slab, then
+  argmax: what the reference's bilinear ``Invertd`` + argmax computes
+  (:func:`resample_probabilities`);
+* ``"labels"``: argmax in model space, nearest neighbour back (:func:`resample_labels`).
 """
 
 from __future__ import annotations
-from SwinUNETRSegmentLib.inference.windows import shift_affine
+
 import logging
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
+
 import numpy as np
 
+from SwinUNETRSegmentLib.geometry import Volume, shift_affine
+
+__all__ = ["resample_labels", "to_input_grid", "softmax_inplace", "resample_probabilities", "resample_argmax",
+           "channel_argmax", "DENSE_BOUNDARIES"]
 
 log = logging.getLogger(__name__)
+
+
+def resample_labels(src, dst: Volume, src_affine: Optional[np.ndarray] = None, outside: str = "border") -> np.ndarray:
+    """Labels of ``src`` (a Volume, or an array with ``src_affine``) on ``dst``'s voxels.
+
+    Nearest neighbour, with MONAI's SpatialResample between the two IJK-to-RAS matrices.
+    Voxels of ``dst`` beyond ``src`` take the nearest edge label (``outside="border"``, for
+    model space that covers the input up to a sliver) or background (``"zeros"``, for a
+    label map cropped to its segments). Returns uint8 of ``dst.shape``.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import SpatialResample
+
+    if isinstance(src, Volume):
+        array, src_affine = src.array, src.ijk_to_ras
+    else:
+        array = src
+    img = MetaTensor(torch.as_tensor(np.asarray(array), dtype=torch.float32)[None],
+                     affine=torch.as_tensor(np.asarray(src_affine), dtype=torch.float64))
+    back = SpatialResample(mode="nearest", padding_mode=outside, dtype=torch.float64)(
+        img, dst_affine=torch.as_tensor(dst.ijk_to_ras, dtype=torch.float64), spatial_size=dst.shape
+    )
+    return np.asarray(back.as_tensor()[0].round().to(torch.uint8).numpy())
+
+
+def to_input_grid(logits, model_affine: np.ndarray, volume: Volume, mode: str, outside: str, slab_voxels: int,
+                  cancel: Optional[Callable[[], None]] = None) -> np.ndarray:
+    """uint8 labels on ``volume``'s grid from stitched ``(1, C, X, Y, Z)`` logits whose
+    voxel-to-RAS matrix is ``model_affine``.
+
+    Args:
+        mode: "boundaries", "probabilities" or "labels" (see the module docstring).
+        outside: "border" (model space covers the input: the nearest edge value) or
+            "background" (model space was cropped to the body: background beyond it).
+        slab_voxels: input voxels resampled per slab (bounds the memory).
+        cancel: called between slabs; raises to stop.
+
+    On CUDA, running out of memory here retries the resampling on the CPU.
+    """
+    import torch
+
+    from SwinUNETRSegmentLib.inference.devices import is_out_of_memory
+
+    if mode == "labels":
+        labels_model = logits.argmax(dim=1).to(torch.uint8).cpu()
+        return resample_labels(labels_model[0].numpy(), volume, src_affine=model_affine,
+                               outside="border" if outside == "border" else "zeros")
+    if mode == "boundaries":
+        def run(scores):
+            return resample_argmax(scores, model_affine, volume.shape, volume.ijk_to_ras, outside=outside,
+                                   slab_voxels=slab_voxels, cancel=cancel)
+    else:
+        softmax_inplace(logits)
+
+        def run(scores):
+            return resample_probabilities(scores, model_affine, volume.shape, volume.ijk_to_ras, outside=outside,
+                                          slab_voxels=slab_voxels, cancel=cancel)
+
+    if logits.device.type != "cuda":
+        return run(logits[0])
+    try:
+        return run(logits[0])
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        torch.cuda.empty_cache()
+        log.warning("out of GPU memory resampling to the input grid; resampling on the CPU")
+        return run(logits[0].cpu())
 
 
 # ----------------------------------------------------------------------------------------
@@ -196,8 +284,8 @@ def resample_argmax(logits, src_affine: np.ndarray, dst_shape: Sequence[int], ds
 
 def channel_argmax(scores):
     """uint8 argmax over the first axis of ``(C, ...)``, the first class winning ties like
-    ``torch.argmax``. One running maximum over the channels: about 2 x faster on the CPU
-    than ``argmax(dim=0)``, whose reduction strides across channel planes."""
+    ``torch.argmax``. One running maximum over the channels: cheaper on the CPU than
+    ``argmax(dim=0)``, whose reduction strides across channel planes."""
     import torch
 
     best = scores[0].clone()

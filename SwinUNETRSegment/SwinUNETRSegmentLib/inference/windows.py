@@ -1,12 +1,30 @@
 """The sliding windows in model space: MONAI's window grid, the windows that hold only air,
-the body's box, and the prepared model-space volume they run over.
+the body's box, the prepared model-space volume they run over, and the predictor that
+runs them (air windows answered from a cache, progress and cancel per window).
 """
 
 from __future__ import annotations
+
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
+
 import numpy as np
+
+from SwinUNETRSegmentLib.geometry import Volume, shift_affine
+from SwinUNETRSegmentLib.inference.options import FastPath
+from SwinUNETRSegmentLib.inference.preprocess import (
+    air_floor,
+    air_is_constant,
+    geometric_transforms,
+    intensity_transform,
+    to_metatensor,
+)
+from SwinUNETRSegmentLib.models.cards import ModelCard
+
+__all__ = ["scan_interval", "count_windows", "monai_padding", "air_window_starts", "body_box", "volume_key", "Prepared",
+           "prepare", "WindowPredictor"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -97,20 +115,10 @@ def body_box(air, roi_size: Sequence[int], overlap: float) -> Optional[tuple[sli
     return tuple(box)  # type: ignore[return-value]
 
 
-def shift_affine(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
-    """The affine of a sub-grid starting at voxel ``start``."""
-    out = np.array(affine, dtype=np.float64, copy=True)
-    out[:3, 3] = out[:3, :3] @ np.asarray(start, dtype=np.float64) + out[:3, 3]
-    return out
-
-
-# ----------------------------------------------------------------------------------------
-# warm engine
-# ----------------------------------------------------------------------------------------
 def volume_key(array: np.ndarray, ijk_to_ras: np.ndarray, *extra: Any) -> str:
     """A hash of the voxels, their dtype and shape, the grid, and ``extra`` settings.
 
-    Hashing costs about 0.1 s per 100 MB; it is what makes the cache safe when the same
+    Hashing every voxel is what makes the cache safe when the same
     array object is edited in place between two runs."""
     h = hashlib.blake2b(digest_size=20)
     arr = np.ascontiguousarray(array)
@@ -140,3 +148,84 @@ class Prepared:
     full_affine: np.ndarray
     box: Optional[tuple[slice, slice, slice]] = None
     air_starts: set = field(default_factory=set)
+
+
+def prepare(card: ModelCard, volume: Volume, fast: FastPath, overlap: float) -> Prepared:
+    """``volume`` in the card's model space (:mod:`.preprocess`), with its air windows and,
+    when ``fast.crop_to_body``, cropped to the body's box before the intensity window."""
+    img = to_metatensor(volume, np.float32)
+    for t in geometric_transforms(card):
+        img = t(img)
+    full_affine = img.affine.numpy().astype(np.float64)
+    full_shape = tuple(int(s) for s in img.shape[1:])
+    use_air = (fast.skip_air or fast.crop_to_body) and air_is_constant(card)
+    air = box = None
+    if use_air:
+        air = img.as_tensor()[0] < air_floor(card)
+        if fast.crop_to_body:
+            box = body_box(air, card.roi_size, overlap)
+    if box is not None:
+        img = img[(slice(None),) + box]
+        air = air[box]
+    affine = full_affine if box is None else shift_affine(full_affine, [s.start for s in box])
+    img = intensity_transform(card)(img)
+    air_starts: set = set()
+    if use_air and fast.skip_air:
+        pad_is_air = float(card.intensity["b_min"]) == 0.0  # MONAI pads windows with 0
+        air_starts = air_window_starts(air, card.roi_size, overlap, pad_is_air)
+    return Prepared(img.as_tensor().contiguous(), affine, full_shape, full_affine, box, air_starts)
+
+
+class WindowPredictor:
+    """The ``predictor`` MONAI's sliding-window inferer calls with a batch of windows and
+    their coordinates (``with_coord=True``).
+
+    Windows whose start corner is in ``air_starts`` get ``air_output`` (the network's answer
+    for a window of pure air, computed once) instead of a network call; cancel is checked
+    before each call; every window, air or not, is reported to ``on_window(done)``. A pass
+    that starts again at the first window (MONAI's adaptive inferer retrying on the CPU
+    after the GPU ran out of memory) counts from zero again.
+
+    Args:
+        network: ``(B, 1, X, Y, Z)`` -> ``(B, C, X, Y, Z)`` logits.
+        dtype: the dtype the network's weights are in (windows are cast to it).
+        air_starts: start corners of air windows, in MONAI's padded coordinates.
+        air_output: callable returning the ``(1, C, X, Y, Z)`` float answer for an air window.
+        check_cancel: raises to stop.
+        on_window: called with the number of windows done so far in this pass.
+    """
+
+    def __init__(self, network, dtype, air_starts: set, air_output: Callable[[], Any],
+                 check_cancel: Callable[[], None], on_window: Callable[[int], None]):
+        self.network, self.dtype, self.air_starts = network, dtype, air_starts
+        self.air_output, self.check_cancel, self.on_window = air_output, check_cancel, on_window
+        self.done = 0
+
+    def __call__(self, batch, coords):
+        import torch
+
+        starts = [tuple(s.start for s in c[2:]) for c in coords]
+        if any(all(v == 0 for v in s) for s in starts):
+            self.done = 0
+        is_air = [s in self.air_starts for s in starts]
+        run = [n for n, a in enumerate(is_air) if not a]
+        self.check_cancel()
+        result = None
+        if run:
+            result = self.network((batch if len(run) == len(is_air) else batch[run]).to(self.dtype)).float()
+        if result is not None and len(run) == len(is_air):
+            out = result
+        else:
+            air = self.air_output().to(batch.device)
+            parts, r = [], 0
+            for a in is_air:
+                if a:
+                    parts.append(air)
+                else:
+                    parts.append(result[r:r + 1])
+                    r += 1
+            out = torch.cat(parts)
+        for _ in is_air:
+            self.done += 1
+            self.on_window(self.done)
+        return out

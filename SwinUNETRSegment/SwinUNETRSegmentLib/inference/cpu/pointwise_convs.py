@@ -6,10 +6,9 @@ convolution, and the 2x2x2 stride-2 transposed convolutions that upsample each d
 stage. On a CPU, PyTorch hands them to oneDNN, whose NCDHW path reorders the activations
 into a blocked layout and back around every call; at 96^3 that costs more than the
 arithmetic. Written as one matrix product over the channels (plus, for the transposed
-convolution, one permute that interleaves the 2x2x2 outputs), they are the same sums:
-measured on 2 CPU cores, two 96^3 windows, bfloat16: 1x1x1 96->48 391 -> 149 ms,
-out 48->14 150 -> 47 ms, 1->48 148 -> 59 ms, transposed 2x2x2 48->48 518 -> 168 ms, with
-outputs equal bit for bit in bfloat16 and float32 (benchmarks/README.md). No library
+convolution, one permute that interleaves the 2x2x2 outputs), they are the same sums,
+with outputs equal bit for bit in bfloat16 and float32 (the gain per layer is in
+benchmarks/README.md). No library
 offers this for Conv3d (``torch.nn.Linear`` is the same product but wants channels last),
 hence these few lines.
 

@@ -5,14 +5,14 @@ rebuilds, on every forward, the additive bias of a shifted block: the relative p
 bias plus the shift mask, both reshaped to ``(batch * windows, heads, n, n)``; and each
 ``BasicLayer`` recomputes the shift mask (``compute_mask``) on every forward. In stage 1
 of a 96^3 window that is a ``(343 * batch, heads, 343, 343)`` float32 tensor, added,
-expanded, copied and cast per call. Measured on 2 CPU cores, feature_size 48, two windows
-in bfloat16: about 0.8 s of an 8 s call went to building these tensors, whose values
-never change while the weights and the window size stay the same
-(benchmarks/README.md).
+expanded, copied and cast per call, although its values never change while the weights
+and the window size stay the same (benchmarks/README.md has what that costs).
 
 No library caches them, so this module does, for the duration of one segmentation:
 
-* ``compute_mask`` is memoised per (grid, window, shift, device);
+* each Swin layer of the network keeps its shift mask per (grid, window, shift, device)
+  instead of calling MONAI's ``compute_mask`` on every forward (MONAI's module-level
+  function is left alone: other networks in the process are not touched);
 * each window attention keeps its combined bias of ``windows * heads`` planes in the
   activations' dtype, and hands it to ``scaled_dot_product_attention`` once for all the
   batch's windows (the batch becomes a broadcast dimension of the mask instead of a copy).
@@ -26,48 +26,42 @@ forward hands those back to MONAI's.
 from __future__ import annotations
 
 import contextlib
-import threading
 import types
 from typing import Any, Iterator
 
-_PATCH_LOCK = threading.Lock()
-_PATCH_DEPTH = 0
-_ORIGINAL_COMPUTE_MASK: Any = None
-_MASKS: dict[tuple, Any] = {}
 #: Combined biases kept per attention module (one per window grid and dtype in practice).
 _MAX_BIASES = 4
 
 
-def _memoised_compute_mask(dims, window_size, shift_size, device):
-    key = (tuple(int(d) for d in dims), tuple(int(w) for w in window_size), tuple(int(s) for s in shift_size), str(device))
-    mask = _MASKS.get(key)
-    if mask is None:
-        mask = _ORIGINAL_COMPUTE_MASK(dims, window_size, shift_size, device)
-        _MASKS[key] = mask
-    return mask
+def _memoised_layer_forward(self, x):
+    """MONAI's ``BasicLayer.forward`` for 5D input with its shift mask built once per
+    (grid, window, shift, device) and kept on the layer, not rebuilt on every call.
 
-
-@contextlib.contextmanager
-def _mask_memo() -> Iterator[None]:
-    """Swap MONAI's module-level ``compute_mask`` for the memoised one while any cached
-    attention is active (reference-counted: engines in several threads may nest)."""
-    global _PATCH_DEPTH, _ORIGINAL_COMPUTE_MASK
+    Written out here because MONAI builds the mask inside ``BasicLayer.forward`` through
+    its module-level ``compute_mask``, with no hook to reuse it; patching that function
+    would change it for every other SwinUNETR in the process. Anything but the 5D,
+    attention-masked case goes to MONAI's own forward."""
+    import numpy as np
+    from einops import rearrange
     from monai.networks.nets import swin_unetr
 
-    with _PATCH_LOCK:
-        if _PATCH_DEPTH == 0:
-            _ORIGINAL_COMPUTE_MASK = swin_unetr.compute_mask
-            swin_unetr.compute_mask = _memoised_compute_mask
-        _PATCH_DEPTH += 1
-    try:
-        yield
-    finally:
-        with _PATCH_LOCK:
-            _PATCH_DEPTH -= 1
-            if _PATCH_DEPTH == 0:
-                swin_unetr.compute_mask = _ORIGINAL_COMPUTE_MASK
-                _ORIGINAL_COMPUTE_MASK = None
-                _MASKS.clear()
+    if x.dim() != 5 or getattr(self, "use_hyena", False):
+        return type(self).forward(self, x)
+    b, _c, d, h, w = x.shape
+    window_size, shift_size = swin_unetr.get_window_size((d, h, w), self.window_size, self.shift_size)
+    x = rearrange(x, "b c d h w -> b d h w c")
+    dims = tuple(int(np.ceil(s / ws)) * ws for s, ws in zip((d, h, w), window_size))
+    key = (dims, tuple(window_size), tuple(shift_size), str(x.device))
+    masks = self._swinunetr_segment_masks
+    if key not in masks:
+        masks[key] = swin_unetr.compute_mask(list(dims), window_size, shift_size, x.device)
+    attn_mask = masks[key]
+    for blk in self.blocks:
+        x = blk(x, attn_mask)
+    x = x.view(b, d, h, w, -1)
+    if self.downsample is not None:
+        x = self.downsample(x)
+    return rearrange(x, "b d h w c -> b c d h w")
 
 
 def _combined_bias(module, mask, n: int, dtype):
@@ -126,22 +120,35 @@ def _attention_modules(network):
             if hasattr(m, "use_flash_attention") and hasattr(m, "relative_position_bias_table") and hasattr(m, "qkv")]
 
 
+def _basic_layers(network):
+    from monai.networks.nets import swin_unetr
+
+    return [m for m in network.modules() if isinstance(m, swin_unetr.BasicLayer)]
+
+
 @contextlib.contextmanager
 def cached_window_attention(network, enabled: bool = True) -> Iterator[int]:
     """While open, ``network``'s MONAI window attentions that use the fused kernel run with
-    a cached bias and a memoised shift mask; yields how many modules that is. Everything
-    cached is freed on exit (a warm engine keeps no attention tensors between runs)."""
+    a cached bias, and its Swin layers with a memoised shift mask; yields how many attention
+    modules that is. Only this network's modules change, and only until exit; everything
+    cached is freed then (a warm engine keeps no attention tensors between runs)."""
     modules = [m for m in _attention_modules(network) if m.use_flash_attention] if enabled and network is not None else []
     if not modules:
         yield 0
         return
-    with _mask_memo():
+    layers = _basic_layers(network)
+    for m in modules:
+        m._swinunetr_segment_biases = {}
+        m.forward = types.MethodType(_cached_forward, m)
+    for layer in layers:
+        layer._swinunetr_segment_masks = {}
+        layer.forward = types.MethodType(_memoised_layer_forward, layer)
+    try:
+        yield len(modules)
+    finally:
         for m in modules:
-            m._swinunetr_segment_biases = {}
-            m.forward = types.MethodType(_cached_forward, m)
-        try:
-            yield len(modules)
-        finally:
-            for m in modules:
-                m.__dict__.pop("forward", None)
-                m.__dict__.pop("_swinunetr_segment_biases", None)
+            m.__dict__.pop("forward", None)
+            m.__dict__.pop("_swinunetr_segment_biases", None)
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+            layer.__dict__.pop("_swinunetr_segment_masks", None)
