@@ -15,8 +15,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from SwinUNETRSegmentLib.models.cards import ModelCard, card_from_dict, load_card
 from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.models.cards import (
+    MODEL_NAME_RULE,
+    SLICER_GENERAL_ANATOMY,
+    ModelCard,
+    card_from_dict,
+    is_model_name,
+    load_card,
+)
+
+__all__ = ["card_from_bundle", "import_bundle"]
 
 NETWORKS = {"SwinUNETR", "monai.networks.nets.SwinUNETR", "monai.networks.nets.swin_unetr.SwinUNETR"}
 # Transforms that do not change what the network sees beyond what a card describes.
@@ -93,7 +102,8 @@ def card_from_bundle(bundle_dir: str | Path, name: str | None = None) -> ModelCa
 
     nets = r.find(NETWORKS)
     if not nets:
-        raise UserError(f"bundle {root.name}: configs/inference.json defines no SwinUNETR network; only SwinUNETR bundles can be imported")
+        raise UserError(f"bundle {root.name}: configs/inference.json defines no SwinUNETR network; "
+                        "only SwinUNETR bundles can be imported")
     net_args = {k: v for k, v in nets[0].items() if not k.startswith("_")}
     args: dict[str, Any] = {}
     for k, v in net_args.items():
@@ -116,12 +126,14 @@ def card_from_bundle(bundle_dir: str | Path, name: str | None = None) -> ModelCa
     pre["interpolation"] = mode[0] if isinstance(mode, list) else mode
     scale = r.find({"ScaleIntensityRanged", "ScaleIntensityRange"})
     if not scale:
-        raise UserError(f"bundle {root.name}: no ScaleIntensityRanged transform; this importer reads only that intensity mapping")
+        raise UserError(f"bundle {root.name}: no ScaleIntensityRanged transform; "
+                        "this importer reads only that intensity mapping")
     s = scale[0]
     pre["intensity"] = {k: r.literal(s.get(k, d), f"ScaleIntensityRanged.{k}")
                         for k, d in (("a_min", None), ("a_max", None), ("b_min", 0.0), ("b_max", 1.0), ("clip", False))}
     for t in r.find({"NormalizeIntensityd", "ScaleIntensityd", "ScaleIntensityRangePercentilesd", "Resized", "Zoomd"}):
-        raise UserError(f"bundle {root.name}: transform {_short(t.get('_target_'))} cannot be expressed in a model card")
+        raise UserError(f"bundle {root.name}: transform {_short(t.get('_target_'))} "
+                        "cannot be expressed in a model card")
 
     inferers = r.find({"SlidingWindowInferer"})
     if not inferers:
@@ -134,14 +146,16 @@ def card_from_bundle(bundle_dir: str | Path, name: str | None = None) -> ModelCa
         "blend_mode": r.literal(inf.get("mode", "constant"), "SlidingWindowInferer.mode"),
     }
 
-    channel_def = (((meta.get("network_data_format") or {}).get("outputs") or {}).get("pred") or {}).get("channel_def") or {}
+    outputs = (meta.get("network_data_format") or {}).get("outputs") or {}
+    channel_def = (outputs.get("pred") or {}).get("channel_def") or {}
     if not channel_def:
-        raise UserError(f"bundle {root.name}: configs/metadata.json has no network_data_format.outputs.pred.channel_def (label names)")
+        raise UserError(f"bundle {root.name}: configs/metadata.json has no "
+                        "network_data_format.outputs.pred.channel_def (label names)")
     labels = []
     known = {lab.name.lower(): lab for lab in load_card("btcv").labels}
-    aliases = {"rkid": "right kidney", "lkid": "left kidney", "gall": "gallbladder", "eso": "esophagus", "sto": "stomach",
-               "ivc": "inferior vena cava", "veins": "portal vein and splenic vein", "pancreas": "pancreas",
-               "rad": "right adrenal gland", "lad": "left adrenal gland"}
+    aliases = {"rkid": "right kidney", "lkid": "left kidney", "gall": "gallbladder", "eso": "esophagus",
+               "sto": "stomach", "ivc": "inferior vena cava", "veins": "portal vein and splenic vein",
+               "pancreas": "pancreas", "rad": "right adrenal gland", "lad": "left adrenal gland"}
     for value, label_name in sorted(((int(k), str(v)) for k, v in channel_def.items()), key=lambda kv: kv[0]):
         if value == 0:
             continue
@@ -153,7 +167,7 @@ def card_from_bundle(bundle_dir: str | Path, name: str | None = None) -> ModelCa
                      "type": lab.type.as_list()}
             if lab.type_modifier:
                 entry["type_modifier"] = lab.type_modifier.as_list()
-            if lab.context != "Segmentation category and type - 3D Slicer General Anatomy list":
+            if lab.context != SLICER_GENERAL_ANATOMY:
                 entry["context"] = lab.context
         else:
             # Slicer's generic "Tissue" code when the bundle gives no code for the label.
@@ -161,8 +175,9 @@ def card_from_bundle(bundle_dir: str | Path, name: str | None = None) -> ModelCa
                      "category": ["SCT", "85756007", "Tissue"], "type": ["SCT", "85756007", "Tissue"]}
         labels.append(entry)
 
+    references = meta.get("references", [])
     data = {
-        "name": name or str(meta.get("name") or root.name).lower().replace(" ", "_"),
+        "name": _card_name(root, meta, name),
         "title": str(meta.get("name") or root.name),
         "description": str(meta.get("description", "")),
         "modality": _modality(meta),
@@ -171,10 +186,24 @@ def card_from_bundle(bundle_dir: str | Path, name: str | None = None) -> ModelCa
         "inference": inference,
         "labels": labels,
         "license": str(meta.get("copyright", "")),
-        "citation": "; ".join(meta.get("references", [])) if isinstance(meta.get("references"), list) else str(meta.get("references", "")),
+        "citation": "; ".join(references) if isinstance(references, list) else str(references),
         "checkpoint": {"source": f"MONAI bundle {root.name} {meta.get('version', '')}".strip()},
     }
     return card_from_dict(data, source=f"bundle {root}")
+
+
+def _card_name(root: Path, meta: dict, name: str | None) -> str:
+    """``name``, else the bundle's own name made lower case with ``_`` for spaces; it must be a
+    usable model name (it becomes the catalog's file names)."""
+    if name is not None:
+        if not is_model_name(name):
+            raise UserError(f"--name {name!r} is not a usable model name ({MODEL_NAME_RULE}); choose another")
+        return name
+    derived = str(meta.get("name") or root.name).lower().replace(" ", "_")
+    if not is_model_name(derived):
+        raise UserError(f"bundle {root.name}: its name {derived!r} (configs/metadata.json) is not a usable model name "
+                        f"({MODEL_NAME_RULE}); pass --name NAME to import it under another name")
+    return derived
 
 
 def _modality(meta: dict) -> str:
@@ -192,9 +221,11 @@ def _palette(value: int) -> list[int]:
 
 
 def import_bundle(bundle_dir: str | Path, name: str | None = None) -> ModelCard:
-    """Add a bundle to the catalog: its card (with the SHA256 of models/model.pt) and its weights."""
-    import tempfile
+    """Add a bundle to the catalog: its card (with the SHA256 of models/model.pt) and its weights.
 
+    Both or neither: when the weights cannot be installed, the card is taken out again.
+    """
+    from SwinUNETRSegmentLib.fileio.atomic import file_digest
     from SwinUNETRSegmentLib.models import catalog
     from SwinUNETRSegmentLib.models.checkpoint import load_model
 
@@ -202,13 +233,18 @@ def import_bundle(bundle_dir: str | Path, name: str | None = None) -> ModelCard:
     card = card_from_bundle(root, name)
     weights = root / "models" / "model.pt"
     if not weights.is_file():
-        raise UserError(f"bundle {root.name}: models/model.pt is missing (TorchScript model.ts is not used: it is code)")
+        raise UserError(f"bundle {root.name}: models/model.pt is missing "
+                        "(TorchScript model.ts is not used: it is code)")
     load_model(card, weights)  # weights_only, every key checked against the card
     data = card.to_json()
-    data["checkpoint"]["sha256"] = catalog.file_digest(weights, "sha256")
-    with tempfile.TemporaryDirectory() as tmp:
-        card_file = Path(tmp) / f"{card.name}.json"
-        card_file.write_text(json.dumps(data, indent=2))
-        card = catalog.add_card(card_file)
-    catalog.install_file(card.name, weights)
+    data["checkpoint"]["sha256"] = file_digest(weights, "sha256")
+    card_path = catalog.user_cards_dir() / f"{card.name}.json"
+    had_card = card_path.is_file()
+    card = catalog.add_card_data(data, source=f"bundle {root}")
+    try:
+        catalog.install_file(card.name, weights)
+    except BaseException:
+        if not had_card:
+            card_path.unlink(missing_ok=True)
+        raise
     return card

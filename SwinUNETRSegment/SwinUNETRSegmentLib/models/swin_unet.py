@@ -123,7 +123,8 @@ class PatchExpanding(nn.Module):
     Input and output are channels-last: (B, D, H, W, dim) -> (B, scale*D, scale*H, scale*W, out_dim).
     """
 
-    def __init__(self, dim: int, scale: int = 2, out_dim: int | None = None, norm_layer: type[nn.Module] = nn.LayerNorm):
+    def __init__(self, dim: int, scale: int = 2, out_dim: int | None = None,
+                 norm_layer: type[nn.Module] = nn.LayerNorm):
         super().__init__()
         self.scale = int(scale)
         self.out_dim = int(out_dim if out_dim is not None else dim // 2)
@@ -192,8 +193,9 @@ class SwinUnet(nn.Module):
             raise ValueError("SwinUnet needs patch_size 2 (its decoder ends at 1/4 with a 4x expansion)")
         self.normalize = normalize
         self.swinViT = build_swin_encoder({
-            "in_channels": in_channels, "feature_size": feature_size, "depths": tuple(depths), "num_heads": tuple(num_heads),
-            "window_size": window_size, "mlp_ratio": mlp_ratio, "qkv_bias": qkv_bias, "drop_rate": drop_rate,
+            "in_channels": in_channels, "feature_size": feature_size, "depths": tuple(depths),
+            "num_heads": tuple(num_heads), "window_size": window_size, "mlp_ratio": mlp_ratio, "qkv_bias": qkv_bias,
+            "drop_rate": drop_rate,
             "attn_drop_rate": attn_drop_rate, "dropout_path_rate": dropout_path_rate, "use_checkpoint": use_checkpoint,
             **encoder_kwargs,
         })
@@ -203,17 +205,20 @@ class SwinUnet(nn.Module):
         rates = [float(r) for r in torch.linspace(dropout_path_rate, 0.0, max(n_blocks, 1))]  # deepest drop most
 
         def swin_stage(dim: int, depth: int, heads: int, start: int) -> nn.Module:
-            return BasicLayer(dim=dim, depth=depth, num_heads=heads, window_size=windows, drop_path=rates[start:start + depth],
-                              mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+            return BasicLayer(dim=dim, depth=depth, num_heads=heads, window_size=windows,
+                              drop_path=rates[start:start + depth], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                              drop=drop_rate, attn_drop=attn_drop_rate,
                               norm_layer=nn.LayerNorm, downsample=None, use_checkpoint=use_checkpoint)
 
-        self.bottleneck = swin_stage(16 * f, bottleneck_depth, 2 * num_heads[3], 0) if bottleneck_depth > 0 else nn.Identity()
+        self.bottleneck = swin_stage(16 * f, bottleneck_depth, 2 * num_heads[3], 0) if bottleneck_depth > 0 \
+            else nn.Identity()
         dims = (8 * f, 4 * f, 2 * f)  # decoder stages at 1/16, 1/8, 1/4
         heads = (num_heads[3], num_heads[2], num_heads[1])  # the encoder's heads at those widths
         self.expand = nn.ModuleList([PatchExpanding(2 * d) for d in dims])
         self.skip_proj = nn.ModuleList([nn.Linear(2 * d, d) for d in dims])
         starts = [bottleneck_depth + sum(decoder_depths[:i]) for i in range(3)]
-        self.decoder = nn.ModuleList([swin_stage(d, n, h, s) for d, n, h, s in zip(dims, decoder_depths, heads, starts)])
+        self.decoder = nn.ModuleList([swin_stage(d, n, h, s)
+                                      for d, n, h, s in zip(dims, decoder_depths, heads, starts, strict=True)])
         self.norm_up = nn.LayerNorm(2 * f)
         self.final_expand = PatchExpanding(2 * f, scale=4, out_dim=f)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=f, out_channels=out_channels)
@@ -222,10 +227,12 @@ class SwinUnet(nn.Module):
         """(B, in_channels, H, W, D) -> logits (B, out_channels, H, W, D)."""
         bad = [int(s) for s in x.shape[2:] if int(s) % 32]
         if len(x.shape) != 5 or bad:
-            raise ValueError(f"SwinUnet needs a (B, C, H, W, D) input with H, W, D multiples of 32, got {tuple(x.shape)}")
+            raise ValueError(f"SwinUnet needs a (B, C, H, W, D) input with H, W, D multiples of 32, "
+                             f"got {tuple(x.shape)}")
         hidden = self.swinViT(x, self.normalize)  # 1/2 F, 1/4 2F, 1/8 4F, 1/16 8F, 1/32 16F
         y = self.bottleneck(hidden[4])
-        for expand, proj, stage, skip in zip(self.expand, self.skip_proj, self.decoder, (hidden[3], hidden[2], hidden[1])):
+        skips = (hidden[3], hidden[2], hidden[1])
+        for expand, proj, stage, skip in zip(self.expand, self.skip_proj, self.decoder, skips, strict=True):
             y = expand(_channels_last(y))
             y = proj(torch.cat([y, _channels_last(skip)], dim=-1))
             y = stage(_channels_first(y))
