@@ -1,67 +1,27 @@
 """The segment table of a run and the label array it imports, without Slicer.
 
-A Slicer segment carries a name, a colour (0..1 floats) and a terminology entry: a
-string in the format of ``vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry``
-stored in the segment tag ``vtkSegment::GetTerminologyEntryTagName()``
-("TerminologyEntry")::
-
-    context~category scheme^value^meaning~type~type modifier~anatomic context~region~region modifier
-
-which is also what slicerio writes into ``.seg.nrrd`` files.
+The table itself (:class:`SegmentSpec`: value, name, colour, serialized terminology) is the
+engine's, :mod:`SwinUNETRSegmentLib.models.segment_table`, which the ``.seg.nrrd`` writer
+uses too; a run writes segments only for the labels it found (:func:`segment_specs`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from SwinUNETRSegmentLib.models.cards import LabelInfo, ModelCard
 from SwinUNETRSegmentLib.merge import mask_stamp
+from SwinUNETRSegmentLib.models.cards import ModelCard
+from SwinUNETRSegmentLib.models.segment_table import SegmentSpec, present_values, segment_table, terminology_string
 
-_EMPTY_CODE = ("", "", "")
-
-
-@dataclass(frozen=True)
-class SegmentSpec:
-    """How one label becomes a Slicer segment.
-
-    Attributes:
-        value: the label value in the run's label map.
-        name: segment name.
-        color: RGB in 0..1, as ``vtkSegment::SetColor`` takes it.
-        terminology: the serialized terminology entry (SNOMED CT codes).
-    """
-
-    value: int
-    name: str
-    color: tuple[float, float, float]
-    terminology: str
-
-
-def terminology_string(label: LabelInfo) -> str:
-    """The label's terminology entry serialized as Slicer stores it on a segment."""
-    t = label.terminology()
-
-    def code(key: str) -> str:
-        return "^".join(t.get(key) or _EMPTY_CODE)
-
-    return "~".join([
-        t.get("contextName", ""), code("category"), code("type"), code("typeModifier"),
-        t.get("anatomicContextName", ""), code("anatomicRegion"), code("anatomicRegionModifier"),
-    ])
+__all__ = ["SegmentSpec", "terminology_string", "segment_specs", "present_values", "labels_for_import",
+           "segment_id_slots", "stamps_by_value"]
 
 
 def segment_specs(card: ModelCard, values: Iterable[int]) -> list[SegmentSpec]:
     """The segments for label ``values`` of ``card``, in the card's order; unknown values are skipped."""
-    wanted = {int(v) for v in values}
-    return [SegmentSpec(lab.value, lab.name, lab.color_float, terminology_string(lab)) for lab in card.labels if lab.value in wanted]
-
-
-def present_values(labels: np.ndarray) -> list[int]:
-    """Nonzero label values that occur in ``labels``, ascending."""
-    return [int(v) for v in np.unique(labels) if v != 0]
+    return segment_table(card, values)
 
 
 def labels_for_import(labels: np.ndarray, values: Iterable[int]) -> np.ndarray:
