@@ -143,3 +143,31 @@ def test_physical_cores_on_macos_and_windows(monkeypatch):
     psutil.cpu_count = lambda logical=True: 4 if not logical else 8
     monkeypatch.setitem(sys.modules, "psutil", psutil)
     assert devices.physical_cores() == 4
+
+
+# ---- no whole-volume copies on the way in -------------------------------------------------
+def test_the_cache_key_and_the_checks_copy_no_volume():
+    """A Slicer volume's array arrives as a [k, j, i] array seen as [i, j, k] (Fortran
+    order): hashing it for the warm-engine cache and checking its voxels allocate a small
+    fraction of its size (they used to copy it whole)."""
+    import tracemalloc
+
+    from SwinUNETRSegmentLib.geometry import check_volume
+    from SwinUNETRSegmentLib.inference.windows import volume_key
+
+    kji = np.random.default_rng(0).random((60, 128, 128), dtype=np.float32)
+    vol = Volume.from_kji(kji, make_affine((1.0, 1.0, 2.0)))
+    assert not vol.array.flags.c_contiguous
+    tracemalloc.start()
+    try:
+        key = volume_key(vol.array, vol.ijk_to_ras, "x")
+        check_volume(vol, "the volume")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < kji.nbytes / 10, f"{peak} bytes allocated for a {kji.nbytes}-byte volume"
+    # the same voxels in C order are the same volume to the cache only if laid out alike,
+    # and an edit changes the key
+    assert volume_key(vol.array, vol.ijk_to_ras, "x") == key
+    kji[0, 0, 0] += 1
+    assert volume_key(vol.array, vol.ijk_to_ras, "x") != key

@@ -145,7 +145,8 @@ def check_volume(vol: Volume, source: str) -> None:
     if vol.array.dtype.kind not in "biuf":
         raise UserError(f"{source} has voxels of type {vol.array.dtype}; give a scan with real-valued voxels")
     if vol.array.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(vol.array)))
+        # a few planes at a time: no full-size boolean copy of a large scan
+        bad = sum(int(np.count_nonzero(~np.isfinite(vol.array[i:i + 8]))) for i in range(0, shape[0], 8))
         if bad:
             raise UserError(f"{source} has {bad} NaN or Inf voxels; fill them (e.g. with the background value) "
                             "and try again")

@@ -118,14 +118,26 @@ def body_box(air, roi_size: Sequence[int], overlap: float) -> Optional[tuple[sli
 def volume_key(array: np.ndarray, ijk_to_ras: np.ndarray, *extra: Any) -> str:
     """A hash of the voxels, their dtype and shape, the grid, and ``extra`` settings.
 
-    Hashing every voxel is what makes the cache safe when the same
-    array object is edited in place between two runs."""
+    Hashing every voxel is what makes the cache safe when the same array object is edited
+    in place between two runs. The voxels are read where they lie: a C- or Fortran-ordered
+    array (a Slicer volume's ``[k, j, i]`` array seen as ``[i, j, k]``) is hashed without a
+    copy, any other layout one plane at a time."""
     h = hashlib.blake2b(digest_size=20)
-    arr = np.ascontiguousarray(array)
-    h.update(str((arr.dtype.str, arr.shape)).encode())
+    arr = np.asarray(array)
+    if arr.flags.c_contiguous:
+        order, flat = "C", arr
+    elif arr.T.flags.c_contiguous:
+        order, flat = "F", arr.T
+    else:
+        order, flat = "planes", None
+    h.update(str((arr.dtype.str, arr.shape, order)).encode())
     h.update(np.ascontiguousarray(ijk_to_ras, dtype=np.float64).tobytes())
     h.update(repr(extra).encode())
-    h.update(memoryview(arr).cast("B"))
+    if flat is not None:
+        h.update(memoryview(flat).cast("B"))
+    else:
+        for plane in arr:
+            h.update(np.ascontiguousarray(plane).tobytes())
     return h.hexdigest()
 
 
