@@ -171,3 +171,14 @@ def test_the_cache_key_and_the_checks_copy_no_volume():
     assert volume_key(vol.array, vol.ijk_to_ras, "x") == key
     kji[0, 0, 0] += 1
     assert volume_key(vol.array, vol.ijk_to_ras, "x") != key
+
+
+def test_engine_and_stand_in_are_segmenters():
+    """The Slicer side relies on SegmenterProtocol: the engine and the torch-free stand-in
+    both have it."""
+    from SwinUNETRSegmentLib.inference.api import SegmenterProtocol
+    from SwinUNETRSegmentSlicer.testing import ThresholdSegmenter
+
+    assert isinstance(Segmenter(oracle_card(), network=ThresholdNet(), device="cpu"), SegmenterProtocol)
+    assert isinstance(ThresholdSegmenter(), SegmenterProtocol)
+    assert not isinstance(object(), SegmenterProtocol)

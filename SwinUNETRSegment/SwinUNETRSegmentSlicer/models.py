@@ -9,13 +9,14 @@ import threading
 import time
 from typing import Any, Callable, Hashable, Optional
 
-from SwinUNETRSegmentLib.models.cards import ModelCard
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
+from SwinUNETRSegmentLib.inference.api import SegmenterProtocol
+from SwinUNETRSegmentLib.models.cards import ModelCard
 from SwinUNETRSegmentLib.progress import Progress, ProgressCallback
 
-#: ``factory(model, device, overlap, sw_batch_size)`` -> an object with the
-#: :class:`SwinUNETRSegmentLib.engine.Segmenter` interface.
-SegmenterFactory = Callable[[str, str, Optional[float], Optional[int]], Any]
+#: ``factory(model, device, overlap, sw_batch_size)`` -> a segmenter
+#: (:class:`~SwinUNETRSegmentLib.inference.api.SegmenterProtocol`).
+SegmenterFactory = Callable[[str, str, Optional[float], Optional[int]], SegmenterProtocol]
 
 
 def catalog_models() -> list[tuple[str, ModelCard]]:

@@ -65,7 +65,7 @@ def expected_labels_kji(arr_kji: np.ndarray) -> np.ndarray:
 
 
 class ThresholdSegmenter:
-    """Duck-types :class:`SwinUNETRSegmentLib.engine.Segmenter` without torch.
+    """A :class:`~SwinUNETRSegmentLib.inference.api.SegmenterProtocol` without torch.
 
     Thresholds the scan on its own grid and reports ``windows`` sliding-window steps,
     sleeping ``seconds_per_window`` in each so that tests can cancel mid-run.
