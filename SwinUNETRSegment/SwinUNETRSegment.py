@@ -2,28 +2,32 @@ import logging
 from typing import Annotated
 
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer.i18n import tr as _
 from slicer.i18n import translate
+from slicer.parameterNodeWrapper import (
+    WithinRange,
+    parameterNodeWrapper,
+)
 from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
-from slicer.parameterNodeWrapper import (
-    parameterNodeWrapper,
-    WithinRange,
-)
 
-from SwinUNETRSegmentLib.models.catalog import DEFAULT_MODEL, card_of, download, model_names
 from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentLib.merge import MergePolicy, summarize
-
+from SwinUNETRSegmentLib.models.catalog import DEFAULT_MODEL, card_of, download, model_names
 from SwinUNETRSegmentSlicer import mrml, panel, qtutils
-from SwinUNETRSegmentSlicer.models import ModelCache, catalog_models, catalog_segmenter, devices, download_progress, weights_url
+from SwinUNETRSegmentSlicer.models import (
+    ModelCache,
+    catalog_models,
+    catalog_segmenter,
+    devices,
+    download_progress,
+    weights_url,
+)
 from SwinUNETRSegmentSlicer.sampledata import registerSampleData
 from SwinUNETRSegmentSlicer.selftest import SelfTests
 from SwinUNETRSegmentSlicer.worker import CANCELLED, DONE, ERROR, PROGRESS, InferenceJob
-
 
 #
 # SwinUNETRSegment
@@ -190,7 +194,9 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.model = self.ui.modelComboBox.itemData(0)  # a model this machine does not have
         if self._job is None:
             self.ui.applyButton.enabled = bool(p.inputVolume)
-            self.ui.applyButton.toolTip = _("Segment the input volume.") if p.inputVolume else _("Select an input volume.")
+            self.ui.applyButton.toolTip = (
+                _("Segment the input volume.") if p.inputVolume else _("Select an input volume.")
+            )
 
     def fillDeviceComboBox(self) -> None:
         """Devices torch sees here (only "Automatic" until torch is installed)."""
@@ -232,17 +238,29 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.usesCatalogModels:
             from SwinUNETRSegmentSlicer.install import ensureDependencies
 
-            if not qtutils.guarded(_("Cannot install what the module needs."), ensureDependencies, self.resourcePath("requirements.txt")):
+            if not qtutils.guarded(
+                _("Cannot install what the module needs."), ensureDependencies, self.resourcePath("requirements.txt")
+            ):
                 return
             if self.ui.deviceComboBox.count == 1:
                 self.fillDeviceComboBox()  # torch was just installed
         url = self.logic.weightsToDownload(p.model)
         if url and not slicer.util.confirmOkCancelDisplay(
-                _("The weights of this model are not on this computer yet. Download them now from {url}?").format(url=url),
-                windowTitle=_("SwinUNETR Segment: download model")):
+            _("The weights of this model are not on this computer yet. Download them now from {url}?").format(url=url),
+            windowTitle=_("SwinUNETR Segment: download model"),
+        ):
             return
-        job = qtutils.guarded(_("Cannot start the segmentation."), self.logic.startSegmentation,
-                              p.inputVolume, p.model, p.device, p.overlap, p.swBatchSize, p.keepModelLoaded, bool(url))
+        job = qtutils.guarded(
+            _("Cannot start the segmentation."),
+            self.logic.startSegmentation,
+            p.inputVolume,
+            p.model,
+            p.device,
+            p.overlap,
+            p.swBatchSize,
+            p.keepModelLoaded,
+            bool(url),
+        )
         if not job:
             return
         self._job = job
@@ -285,7 +303,9 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.endRun(_("The input volume was removed while the model ran. Nothing was written."))
             return
         output = slicer.mrmlScene.GetNodeByID(run["outputSegmentationID"]) if run["outputSegmentationID"] else None
-        written = qtutils.guarded(_("Cannot write the segments."), self.logic.writeResult, result, inputVolume, output, run["policy"])
+        written = qtutils.guarded(
+            _("Cannot write the segments."), self.logic.writeResult, result, inputVolume, output, run["policy"]
+        )
         if written:
             segmentationNode, steps = written
             self._resultNodeID, self._resultVolumeID = segmentationNode.GetID(), inputVolume.GetID()
@@ -306,10 +326,18 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setRunning(False)
 
     def setRunning(self, running: bool) -> None:
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton, self.ui.advancedCollapsibleButton):
+        for widget in (
+            self.ui.inputsCollapsibleButton,
+            self.ui.outputsCollapsibleButton,
+            self.ui.advancedCollapsibleButton,
+        ):
             widget.enabled = not running
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
-        self.ui.applyButton.toolTip = _("Stop after the sliding window that is running; nothing is written.") if running else _("Segment the input volume.")
+        self.ui.applyButton.toolTip = (
+            _("Stop after the sliding window that is running; nothing is written.")
+            if running
+            else _("Segment the input volume.")
+        )
         self.ui.applyButton.enabled = True
         self.ui.progressBar.visible = running or self.ui.progressBar.value == 100
         if running:
@@ -375,9 +403,18 @@ class SwinUNETRSegmentLogic(ScriptedLoadableModuleLogic):
         """Forget the model kept loaded and give its GPU memory back."""
         self.models.release()
 
-    def startSegmentation(self, inputVolume, model=DEFAULT_MODEL, device="auto", overlap=None, swBatchSize=None,
-                          keepModelLoaded=True, downloadWeights=False):
-        """Start the model on a worker thread (downloading its weights first if asked); returns the :class:`InferenceJob`.
+    def startSegmentation(
+        self,
+        inputVolume,
+        model=DEFAULT_MODEL,
+        device="auto",
+        overlap=None,
+        swBatchSize=None,
+        keepModelLoaded=True,
+        downloadWeights=False,
+    ):
+        """Start the model on a worker thread (downloading its weights first if asked);
+        returns the :class:`InferenceJob`.
 
         The volume is copied here, on the main thread; the worker sees only the copy.
         """
@@ -405,8 +442,20 @@ class SwinUNETRSegmentLogic(ScriptedLoadableModuleLogic):
             mrml.showSegmentation(outputSegmentation, inputVolume)
         return outputSegmentation, steps
 
-    def process(self, inputVolume, outputSegmentation=None, model=DEFAULT_MODEL, device="auto", overlap=None, swBatchSize=None,
-                updateUnedited=False, replaceEdited=False, keepModelLoaded=True, showResult=True, downloadWeights=True):
+    def process(
+        self,
+        inputVolume,
+        outputSegmentation=None,
+        model=DEFAULT_MODEL,
+        device="auto",
+        overlap=None,
+        swBatchSize=None,
+        updateUnedited=False,
+        replaceEdited=False,
+        keepModelLoaded=True,
+        showResult=True,
+        downloadWeights=True,
+    ):
         """Segment ``inputVolume`` and write into ``outputSegmentation`` (None: a new node); returns the node.
 
         Blocks until done (scripts and tests); the widget runs the same steps off the GUI thread.

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SwinUNETRSegmentLib.models import cards
 from SwinUNETRSegmentLib.geometry import Volume
-
+from SwinUNETRSegmentLib.models import cards
 
 
 def tiny_card(**overrides) -> cards.ModelCard:
@@ -67,7 +66,7 @@ def rotation(ax: float, ay: float, az: float) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def make_affine(spacing, direction=np.eye(3), origin=(0.0, 0.0, 0.0)) -> np.ndarray:
+def make_affine(spacing, direction=((1, 0, 0), (0, 1, 0), (0, 0, 1)), origin=(0.0, 0.0, 0.0)) -> np.ndarray:
     m = np.eye(4)
     m[:3, :3] = np.asarray(direction, float) * np.asarray(spacing, float)[None, :]
     m[:3, 3] = origin

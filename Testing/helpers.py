@@ -51,8 +51,13 @@ def write_nrrd_ras(vol: Volume, path: Path) -> Path:
     return path
 
 
-def write_dicom_series(vol: Volume, folder: Path, series_uid: str = "1.2.826.0.1.3680043.2.1125.1.1",
-                       description: str = "synthetic", modality: str = "CT") -> Path:
+def write_dicom_series(
+    vol: Volume,
+    folder: Path,
+    series_uid: str = "1.2.826.0.1.3680043.2.1125.1.1",
+    description: str = "synthetic",
+    modality: str = "CT",
+) -> Path:
     """One DICOM file per k-slice with the geometry tags ITK/GDCM read back."""
     import SimpleITK as sitk
 

@@ -33,9 +33,11 @@ def test_public_names():
 
 
 def test_importing_the_package_needs_no_torch():
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
-            "import SwinUNETRSegmentLib as s\n"
-            "print(s.UserError.__name__, s.Volume.__name__, s.load_card('demo').name)")
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
+        "import SwinUNETRSegmentLib as s\n"
+        "print(s.UserError.__name__, s.Volume.__name__, s.load_card('demo').name)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["UserError", "Volume", "demo"]
@@ -79,8 +81,9 @@ def test_example_ct_outputs_are_byte_for_byte_those_before_the_redesign(tmp_path
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs git and the repository's history")
     old = tmp_path / "code-before"
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", BEFORE_REDESIGN, "SwinUNETRSegment"],
-                             capture_output=True, timeout=120)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", BEFORE_REDESIGN, "SwinUNETRSegment"], capture_output=True, timeout=120
+    )
     if archive.returncode != 0:
         pytest.skip(f"commit {BEFORE_REDESIGN} is not in this clone's history")
     old.mkdir()
@@ -91,8 +94,17 @@ def test_example_ct_outputs_are_byte_for_byte_those_before_the_redesign(tmp_path
         folder = tmp_path / f"out-{tag}"
         folder.mkdir(exist_ok=True)
         code = "import sys; from SwinUNETRSegmentLib.cli import main; sys.exit(main(sys.argv[1:]))"
-        args = ["-i", str(ct), "-o", str(folder / "ct.seg.nrrd"), "-o", str(folder / "ct.nii.gz"),
-                "--preview", str(folder / "ct.png"), "-q"]
+        args = [
+            "-i",
+            str(ct),
+            "-o",
+            str(folder / "ct.seg.nrrd"),
+            "-o",
+            str(folder / "ct.nii.gz"),
+            "--preview",
+            str(folder / "ct.png"),
+            "-q",
+        ]
         env = dict(os.environ, PYTHONPATH=str(pythonpath))
         run = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr

@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import GRIDS, make_affine, tiny_card
 
-from SwinUNETRSegmentLib.models import checkpoint as ckpt
+from SwinUNETRSegmentLib.errors import CancelledError, UserError
+from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.inference.devices import resolve_device
 from SwinUNETRSegmentLib.inference.engine import Segmenter
 from SwinUNETRSegmentLib.inference.options import FastPath
 from SwinUNETRSegmentLib.inference.windows import count_windows
-from SwinUNETRSegmentLib.errors import CancelledError, UserError
-from SwinUNETRSegmentLib.geometry import Volume
+from SwinUNETRSegmentLib.models import checkpoint as ckpt
 
 LIVER = 6
 
@@ -234,10 +234,14 @@ def test_real_swinunetr_keeps_the_grid(tiny_checkpoint):
     exactly, and in float32 the labels of the plain path (MONAI's attention, every window)
     with the same way back."""
     card = dataclasses.replace(tiny_card(), spacing=(5.0, 5.0, 5.0))
-    vol = Volume(np.random.default_rng(0).integers(-200, 300, (50, 40, 12)).astype(np.int16),
-                 make_affine((1.3, 1.1, 4.0), GRIDS[5][2], (10.0, 20.0, 30.0)))
+    vol = Volume(
+        np.random.default_rng(0).integers(-200, 300, (50, 40, 12)).astype(np.int16),
+        make_affine((1.3, 1.1, 4.0), GRIDS[5][2], (10.0, 20.0, 30.0)),
+    )
     res = Segmenter(card, tiny_checkpoint, device="cpu", fast=FastPath(precision="float32")).segment(vol)
     assert res.labels.shape == vol.shape
     assert np.array_equal(res.labels.ijk_to_ras, vol.ijk_to_ras)
-    plain = Segmenter(card, tiny_checkpoint, device="cpu", fast=FastPath.plain().but(resample="boundaries")).segment(vol)
+    plain = Segmenter(card, tiny_checkpoint, device="cpu", fast=FastPath.plain().but(resample="boundaries")).segment(
+        vol
+    )
     assert (res.labels.array == plain.labels.array).mean() > 0.99

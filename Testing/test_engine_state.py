@@ -30,14 +30,18 @@ def _with(array):
     return Volume(array, make_affine((1.0, 1.0, 1.0)))
 
 
-@pytest.mark.parametrize("array, message", [
-    (np.full((8, 8, 8), np.nan, np.float32), "512 NaN or Inf voxels"),
-    (np.where(np.eye(8, dtype=bool)[..., None], np.inf, 0.0).repeat(8, 2).astype(np.float32), "NaN or Inf"),
-    (np.zeros((8, 8, 1), np.int16), "2D image"),
-    (np.zeros((1, 1, 1), np.int16), "single voxel"),
-    (np.zeros((0, 8, 8), np.int16), "empty"),
-    (np.zeros((8, 8, 8), np.complex64), "real-valued voxels"),
-], ids=["nan", "inf", "one-slice", "one-voxel", "empty", "complex"])
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.full((8, 8, 8), np.nan, np.float32), "512 NaN or Inf voxels"),
+        (np.where(np.eye(8, dtype=bool)[..., None], np.inf, 0.0).repeat(8, 2).astype(np.float32), "NaN or Inf"),
+        (np.zeros((8, 8, 1), np.int16), "2D image"),
+        (np.zeros((1, 1, 1), np.int16), "single voxel"),
+        (np.zeros((0, 8, 8), np.int16), "empty"),
+        (np.zeros((8, 8, 8), np.complex64), "real-valued voxels"),
+    ],
+    ids=["nan", "inf", "one-slice", "one-voxel", "empty", "complex"],
+)
 def test_segment_rejects_a_volume_it_cannot_segment(array, message):
     net = ThresholdNet()
     seg = Segmenter(oracle_card(), network=net, device="cpu")
@@ -61,8 +65,9 @@ def test_no_bfloat16_weights_on_a_cpu_that_emulates_it(monkeypatch, tiny_checkpo
     monkeypatch.setattr(devices, "_BF16_CPU", False)
     card = tiny_card(spacing=(4.0, 4.0, 4.0))
     vol, _, _ = body_volume(("3mm", (3.0, 3.0, 3.0), np.eye(3), (0.0, 0.0, 0.0)), fov_mm=120.0)
-    res = Segmenter(card, network=load_model(card, tiny_checkpoint), device="cpu",
-                    fast=FastPath(precision="bfloat16")).segment(vol)
+    res = Segmenter(
+        card, network=load_model(card, tiny_checkpoint), device="cpu", fast=FastPath(precision="bfloat16")
+    ).segment(vol)
     assert res.stats["weights"] == "float32" and res.stats["precision"] == "bfloat16"
     auto = Segmenter(card, network=load_model(card, tiny_checkpoint), device="cpu").segment(vol)
     assert auto.stats["weights"] == "float32" and auto.stats["precision"] == "float32"

@@ -10,11 +10,6 @@ geometry stays exact on every test grid.
 """
 
 from __future__ import annotations
-from SwinUNETRSegmentLib.inference import engine as engine_module, resample as resample_module
-from SwinUNETRSegmentLib.inference.windows import air_window_starts, body_box, scan_interval
-from SwinUNETRSegmentLib.inference.devices import autocast_dtype, configure_threads, cpu_has_native_bf16, inference_plans, physical_cores, run_with_fallback
-from SwinUNETRSegmentLib.inference.network import cpu_windows_per_call, is_swin, use_fused_attention
-from SwinUNETRSegmentLib.inference.resample import resample_argmax, resample_probabilities
 
 import logging
 import os
@@ -28,12 +23,24 @@ import pytest
 import torch
 from conftest import GRIDS, make_affine, tiny_card
 
-from SwinUNETRSegmentLib.inference.engine import Segmenter
-from SwinUNETRSegmentLib.inference.windows import count_windows
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
-from SwinUNETRSegmentLib.inference.options import FastPath
-from SwinUNETRSegmentLib.inference.devices import Plan
 from SwinUNETRSegmentLib.geometry import Volume
+from SwinUNETRSegmentLib.inference import engine as engine_module
+from SwinUNETRSegmentLib.inference import resample as resample_module
+from SwinUNETRSegmentLib.inference.devices import (
+    Plan,
+    autocast_dtype,
+    configure_threads,
+    cpu_has_native_bf16,
+    inference_plans,
+    physical_cores,
+    run_with_fallback,
+)
+from SwinUNETRSegmentLib.inference.engine import Segmenter
+from SwinUNETRSegmentLib.inference.network import cpu_windows_per_call, is_swin, use_fused_attention
+from SwinUNETRSegmentLib.inference.options import FastPath
+from SwinUNETRSegmentLib.inference.resample import resample_argmax, resample_probabilities
+from SwinUNETRSegmentLib.inference.windows import air_window_starts, body_box, count_windows, scan_interval
 
 LIVER, SPLEEN = 6, 1
 AIR_HU = -1000
@@ -89,7 +96,9 @@ def body_volume(grid, fov_mm: float = 80.0) -> tuple[Volume, np.ndarray, np.ndar
     spacing, direction, origin = grid[1:]
     sp = np.asarray(spacing, float)
     shape = tuple(int(round(fov_mm / s)) for s in sp)
-    mm = (np.indices(shape).astype(float) - ((np.array(shape) - 1) / 2.0)[:, None, None, None]) * sp[:, None, None, None]
+    mm = (np.indices(shape).astype(float) - ((np.array(shape) - 1) / 2.0)[:, None, None, None]) * sp[
+        :, None, None, None
+    ]
     body = ((mm[0] / 15.0) ** 2 + (mm[1] / 14.0) ** 2 + (mm[2] / 13.0) ** 2) <= 1.0
     liver = (np.abs(mm[0] + 4.0) <= 4.0) & (np.abs(mm[1]) <= 5.0) & (np.abs(mm[2]) <= 5.0)
     spleen = (np.abs(mm[0] - 6.5) <= 3.0) & (np.abs(mm[1] - 1.0) <= 4.0) & (np.abs(mm[2]) <= 4.0)
@@ -194,8 +203,11 @@ def test_air_window_starts_match_a_direct_check():
     padded = torch.ones((70, 50, 32), dtype=torch.bool)
     padded[:, :, 6:26] = air  # MONAI pads 12 before and after along the short axis
     size = list(padded.shape)
-    direct = {tuple(s.start for s in sl) for sl in dense_patch_slices(size, list(roi), scan_interval(size, roi, 0.5))
-              if bool(padded[sl].all())}
+    direct = {
+        tuple(s.start for s in sl)
+        for sl in dense_patch_slices(size, list(roi), scan_interval(size, roi, 0.5))
+        if bool(padded[sl].all())
+    }
     assert starts == direct
     assert air_window_starts(air, roi, 0.5, pad_is_air=False) == set()
 
@@ -216,7 +228,9 @@ def _invertd_case(grid, shape=(37, 29, 23)):
 
     spacing, direction, origin = grid[1:]
     vol = Volume(np.zeros(shape, np.float32), make_affine(spacing, direction, origin))
-    pre = Compose([Orientationd(keys="image", axcodes="RAS"), Spacingd(keys="image", pixdim=(1.7, 2.1, 1.3), mode="bilinear")])
+    pre = Compose(
+        [Orientationd(keys="image", axcodes="RAS"), Spacingd(keys="image", pixdim=(1.7, 2.1, 1.3), mode="bilinear")]
+    )
     data = pre({"image": MetaTensor(torch.zeros((1,) + shape), affine=torch.as_tensor(vol.ijk_to_ras))})
     img = data["image"]
     probs = _smooth_probs(img.shape[1:])
@@ -279,7 +293,7 @@ def test_probability_resampling_outside_a_crop_is_background():
     inside = np.zeros((60, 60, 60), bool)
     inside[20:39, 20:39, 20:39] = True
     assert (labels[inside] == 2).all()
-    assert (labels[18:41, 18:41, 18:41] == 2).sum() <= 23 ** 3
+    assert (labels[18:41, 18:41, 18:41] == 2).sum() <= 23**3
     assert (labels[:17] == 0).all() and (labels[42:] == 0).all()
 
 
@@ -290,7 +304,9 @@ def test_nearest_labels_way_back_with_the_crop_equals_the_plain_path(grid):
     vol, liver, _ = body_volume(grid)
     card = oracle_card((2.3, 1.9, 2.6))
     plain = Segmenter(card, network=ThresholdNet(), device="cpu", fast=FastPath.plain()).segment(vol).labels.array
-    res = Segmenter(card, network=ThresholdNet(), device="cpu", fast=FastPath(resample="labels", crop_to_body=True)).segment(vol)
+    res = Segmenter(
+        card, network=ThresholdNet(), device="cpu", fast=FastPath(resample="labels", crop_to_body=True)
+    ).segment(vol)
     assert res.stats["crop"] is not None
     np.testing.assert_array_equal(res.labels.array, plain)
     m = plain == LIVER
@@ -335,7 +351,9 @@ def test_bfloat16_weights_and_autocast_agree_and_a_callers_network_is_left_alone
     theirs = load_model(card, tiny_checkpoint)
     f32 = Segmenter(card, network=theirs, device="cpu", fast=FastPath(precision="float32")).segment(vol)
     weights = Segmenter(card, network=theirs, device="cpu", fast=FastPath(precision="bfloat16")).segment(vol)
-    amp = Segmenter(card, network=theirs, device="cpu", fast=FastPath(precision="bfloat16", bf16_weights=False)).segment(vol)
+    amp = Segmenter(
+        card, network=theirs, device="cpu", fast=FastPath(precision="bfloat16", bf16_weights=False)
+    ).segment(vol)
     assert next(theirs.parameters()).dtype == torch.float32
     assert f32.stats["weights"] == "float32" and amp.stats["weights"] == "float32"
     assert weights.stats["weights"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
@@ -446,7 +464,11 @@ def _oom():
 def test_fallback_ladder_order():
     # "auto": MONAI's SlidingWindowInfererAdapt stitches on the GPU and moves to the CPU itself
     assert inference_plans(torch.device("cuda:0"), 4) == [Plan("auto", 4), Plan("cpu", 2), Plan("cpu", 1)]
-    assert inference_plans(torch.device("cuda:0"), 4, gpu_stitching=False) == [Plan("cpu", 4), Plan("cpu", 2), Plan("cpu", 1)]
+    assert inference_plans(torch.device("cuda:0"), 4, gpu_stitching=False) == [
+        Plan("cpu", 4),
+        Plan("cpu", 2),
+        Plan("cpu", 1),
+    ]
     assert inference_plans(torch.device("cuda:0"), 1) == [Plan("auto", 1)]
     assert inference_plans(torch.device("cpu"), 4) == [Plan("cpu", 4)]
 
@@ -467,8 +489,10 @@ def test_fallbacks_happen_in_order_with_a_log_line(caplog):
     assert len(emptied) == 2
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
-        "out of GPU memory with stitching on the GPU, 4 windows per call; retrying with stitching on the CPU, 4 windows per call",
-        "out of GPU memory with stitching on the CPU, 4 windows per call; retrying with stitching on the CPU, 2 windows per call",
+        "out of GPU memory with stitching on the GPU, 4 windows per call; "
+        "retrying with stitching on the CPU, 4 windows per call",
+        "out of GPU memory with stitching on the CPU, 4 windows per call; "
+        "retrying with stitching on the CPU, 2 windows per call",
     ]
 
 
@@ -476,7 +500,9 @@ def test_fallback_gives_up_with_advice_and_passes_other_errors():
     def always(plan):
         raise _oom()
 
-    with pytest.raises(UserError, match="out of GPU memory even with stitching on the CPU, 1 window per call.*device cpu"):
+    with pytest.raises(
+        UserError, match="out of GPU memory even with stitching on the CPU, 1 window per call.*device cpu"
+    ):
         run_with_fallback(inference_plans(torch.device("cuda:0"), 2), always)
 
     def broken(plan):
@@ -549,7 +575,9 @@ def test_labels_exact_on_every_grid_with_the_fast_path(grid):
     interpolated, and every voxel still comes back exactly."""
     vol, liver, spleen = body_volume(grid)
     net = ThresholdNet()
-    res = Segmenter(oracle_card(ras_spacing(vol)), network=net, device="cpu", fast=FastPath(crop_to_body=True)).segment(vol)
+    res = Segmenter(oracle_card(ras_spacing(vol)), network=net, device="cpu", fast=FastPath(crop_to_body=True)).segment(
+        vol
+    )
     assert res.stats["crop"] is not None
     assert res.labels.shape == vol.shape and np.array_equal(res.labels.ijk_to_ras, vol.ijk_to_ras)
     expected = np.zeros(vol.shape, np.uint8)
@@ -580,7 +608,9 @@ def test_cancel_stops_within_one_window_with_air_skipping():
 def test_count_windows_over_the_crop():
     vol, _, _ = body_volume(GRIDS[1])
     net = ThresholdNet()
-    seg = Segmenter(oracle_card((1.0, 1.0, 1.0)), network=net, device="cpu", fast=FastPath(skip_air=False, crop_to_body=True))
+    seg = Segmenter(
+        oracle_card((1.0, 1.0, 1.0)), network=net, device="cpu", fast=FastPath(skip_air=False, crop_to_body=True)
+    )
     res = seg.segment(vol)
     box = res.stats["crop"]
     assert net.windows == res.stats["windows_total"] == count_windows([b - a for a, b in box], (16, 16, 16), 0.25)
@@ -591,6 +621,8 @@ def test_count_windows_over_the_crop():
 @pytest.mark.benchmark
 def test_benchmark_quick_runs():
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
-    out = subprocess.run([sys.executable, str(bench), "--quick", "--inputs", "quick"], capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(
+        [sys.executable, str(bench), "--quick", "--inputs", "quick"], capture_output=True, text=True, timeout=3600
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "reference" in out.stdout and "engine" in out.stdout

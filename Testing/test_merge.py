@@ -40,14 +40,21 @@ REPLACE = MergePolicy(replace_edited=True)
 
 def test_into_an_empty_segmentation_every_label_is_added():
     steps = plan_merge(["spleen", "liver"], [])
-    assert [(s.name, s.action, s.segment_id) for s in steps] == [("spleen", Action.ADD, None), ("liver", Action.ADD, None)]
+    assert [(s.name, s.action, s.segment_id) for s in steps] == [
+        ("spleen", Action.ADD, None),
+        ("liver", Action.ADD, None),
+    ]
 
 
 def test_default_adds_only_segments_not_there_yet():
     existing = [unedited("spleen"), edited("liver"), hand_drawn("aorta")]
     steps = plan_merge(["spleen", "liver", "aorta", "stomach"], existing, DEFAULT)
     assert actions(steps) == {"spleen": Action.KEEP, "liver": Action.KEEP, "aorta": Action.KEEP, "stomach": Action.ADD}
-    assert {s.name: s.segment_id for s in steps if s.action == Action.KEEP} == {"spleen": "spleen", "liver": "liver", "aorta": "aorta"}
+    assert {s.name: s.segment_id for s in steps if s.action == Action.KEEP} == {
+        "spleen": "spleen",
+        "liver": "liver",
+        "aorta": "aorta",
+    }
 
 
 def test_update_unedited_replaces_only_what_no_one_touched():

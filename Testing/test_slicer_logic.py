@@ -22,10 +22,10 @@ MODULE_DIR = ROOT / "SwinUNETRSegment"
 sys.path.insert(0, str(MODULE_DIR))  # the Slicer glue package sits beside the module file
 
 from SwinUNETRSegmentLib import requirements as req
-from SwinUNETRSegmentLib.models.cards import load_card
 from SwinUNETRSegmentLib.errors import CancelledError
 from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.merge import mask_stamp
+from SwinUNETRSegmentLib.models.cards import load_card
 from SwinUNETRSegmentLib.progress import Progress
 from SwinUNETRSegmentSlicer import panel, segments  # noqa: E402
 from SwinUNETRSegmentSlicer.models import ModelCache, catalog_models, devices, download_progress, weights_url  # noqa: E402
@@ -89,7 +89,10 @@ def test_device_selector_lists_auto_then_every_device_by_name():
         ("cuda:1", "GPU 1: NVIDIA A40"),
         ("cpu", "CPU (slow)"),
     ]
-    assert panel.device_choices([("mps", "Apple GPU (MPS)"), ("cpu", "CPU")])[0] == ("auto", "Automatic (Apple GPU (MPS))")
+    assert panel.device_choices([("mps", "Apple GPU (MPS)"), ("cpu", "CPU")])[0] == (
+        "auto",
+        "Automatic (Apple GPU (MPS))",
+    )
 
 
 def test_without_torch_only_automatic_is_offered():
@@ -128,7 +131,9 @@ def test_weights_are_offered_for_download_only_while_missing(tmp_path, monkeypat
     weights.write_bytes(b"installed")
     assert weights_url(card) is None
     weights.unlink()
-    assert weights_url(dataclasses.replace(card, checkpoint={"md5": card.checkpoint["md5"]})) is None  # no URL: nothing to offer
+    assert (
+        weights_url(dataclasses.replace(card, checkpoint={"md5": card.checkpoint["md5"]})) is None
+    )  # no URL: nothing to offer
 
 
 def test_model_description_shows_modality_structures_and_licence():
@@ -304,8 +309,16 @@ def test_untick_keep_model_loaded_and_nothing_stays_in_memory():
 
 # ---- what gets installed ------------------------------------------------------------------------
 REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
-PINS = {"monai": "1.6.1", "einops": "0.8.2", "nibabel": "5.4.2", "pydicom": "3.0.2", "slicerio": "1.4.0",
-        "pynrrd": "1.1.3", "tqdm": "4.70.1", "platformdirs": "4.14.8"}
+PINS = {
+    "monai": "1.6.1",
+    "einops": "0.8.2",
+    "nibabel": "5.4.2",
+    "pydicom": "3.0.2",
+    "slicerio": "1.4.0",
+    "pynrrd": "1.1.3",
+    "tqdm": "4.70.1",
+    "platformdirs": "4.14.8",
+}
 
 
 def lookup(versions):
@@ -388,7 +401,9 @@ def test_cmake_ships_every_file_the_slicer_side_needs():
         return cmake.split(f"set({name}", 1)[1].split(")", 1)[0]
 
     # the engine package, its model cards and bundled weights: globbed, and the globs are used
-    assert "${CMAKE_CURRENT_SOURCE_DIR}/SwinUNETRSegmentLib/*.py" in listed and "GLOB_RECURSE MODULE_LIB_SCRIPTS" in cmake
+    assert (
+        "${CMAKE_CURRENT_SOURCE_DIR}/SwinUNETRSegmentLib/*.py" in listed and "GLOB_RECURSE MODULE_LIB_SCRIPTS" in cmake
+    )
     assert "${CMAKE_CURRENT_SOURCE_DIR}/SwinUNETRSegmentLib/models/cards/*.json" in listed
     assert "${CMAKE_CURRENT_SOURCE_DIR}/SwinUNETRSegmentLib/models/weights/*.pt" in listed
     assert "${MODULE_LIB_SCRIPTS}" in block("MODULE_PYTHON_SCRIPTS")
@@ -420,7 +435,8 @@ def test_the_module_loads_before_torch_and_monai_are_installed():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
         f"sys.path.insert(0, {str(MODULE_DIR)!r})\n"
-        "import SwinUNETRSegmentLib.models.catalog, SwinUNETRSegmentLib.inference.engine, SwinUNETRSegmentLib.merge, SwinUNETRSegmentLib.requirements\n"
+        "import SwinUNETRSegmentLib.models.catalog, SwinUNETRSegmentLib.inference.engine\n"
+        "import SwinUNETRSegmentLib.merge, SwinUNETRSegmentLib.requirements\n"
         "import SwinUNETRSegmentSlicer.panel, SwinUNETRSegmentSlicer.segments, SwinUNETRSegmentSlicer.worker\n"
         "import SwinUNETRSegmentSlicer.models, SwinUNETRSegmentSlicer.testing\n"
     )
@@ -430,12 +446,21 @@ def test_the_module_loads_before_torch_and_monai_are_installed():
 
 def test_the_engine_never_imports_slicer_and_the_pure_glue_neither():
     pure = [*(MODULE_DIR / "SwinUNETRSegmentLib").glob("*.py")] + [
-        MODULE_DIR / "SwinUNETRSegmentSlicer" / f"{n}.py" for n in ("panel", "segments", "worker", "testing", "models")]
+        MODULE_DIR / "SwinUNETRSegmentSlicer" / f"{n}.py" for n in ("panel", "segments", "worker", "testing", "models")
+    ]
     for path in pure:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
-                assert name.split(".")[0] not in {"slicer", "qt", "ctk", "vtk", "PythonQt"}, f"{path.name} imports {name}"
+                assert name.split(".")[0] not in {"slicer", "qt", "ctk", "vtk", "PythonQt"}, (
+                    f"{path.name} imports {name}"
+                )
 
 
 def test_extension_declares_pytorch_and_the_segmentation_category():
@@ -466,8 +491,12 @@ def test_every_widget_the_module_uses_is_in_the_ui_file_and_parameters_match():
                 bound[w.get("name")] = prop.find("string").text
     module = ast.parse((MODULE_DIR / "SwinUNETRSegment.py").read_text(encoding="utf-8"))
     selftest = ast.parse((MODULE_DIR / "SwinUNETRSegmentSlicer" / "selftest.py").read_text(encoding="utf-8"))
-    used = {n.attr for tree_ in (module, selftest) for n in ast.walk(tree_)
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) and n.value.attr == "ui"}
+    used = {
+        n.attr
+        for tree_ in (module, selftest)
+        for n in ast.walk(tree_)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) and n.value.attr == "ui"
+    }
     assert used and used <= widgets, used - widgets
     params = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "SwinUNETRSegmentParameterNode")
     fields = {n.target.id for n in params.body if isinstance(n, ast.AnnAssign)}

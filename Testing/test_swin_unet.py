@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_card
+
 from SwinUNETRSegmentLib.models.swin_unet import PatchExpanding, SwinUnet, build_swin_encoder
 
 
@@ -30,10 +31,14 @@ def test_patch_expanding_doubles_each_size_and_moves_channel_groups_to_voxels():
 def test_encoder_is_swinunetrs_module_for_module():
     card = tiny_card()
     reference = dict(card.network_args)
-    swinunetr = {k: v.shape for k, v in __import__("monai").networks.nets.SwinUNETR(**reference).swinViT.state_dict().items()}
+    swinunetr = {
+        k: v.shape for k, v in __import__("monai").networks.nets.SwinUNETR(**reference).swinViT.state_dict().items()
+    }
     assert {k: v.shape for k, v in build_swin_encoder(reference).state_dict().items()} == swinunetr
     unet = SwinUnet(**reference)
-    assert {k[len("swinViT."):]: v.shape for k, v in unet.state_dict().items() if k.startswith("swinViT.")} == swinunetr
+    assert {
+        k[len("swinViT.") :]: v.shape for k, v in unet.state_dict().items() if k.startswith("swinViT.")
+    } == swinunetr
 
 
 @pytest.mark.parametrize("size", [(32, 32, 32), (64, 32, 32), (32, 64, 96)])

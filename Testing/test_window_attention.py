@@ -3,18 +3,18 @@ output as MONAI's fused attention bit for bit, nothing left behind after a run, 
 untouched."""
 
 from __future__ import annotations
-from SwinUNETRSegmentLib.inference.network import use_fused_attention
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_card
+from test_fastpath import body_volume
 
+from SwinUNETRSegmentLib.inference.cpu.window_attention import cached_window_attention
 from SwinUNETRSegmentLib.inference.engine import Segmenter
+from SwinUNETRSegmentLib.inference.network import use_fused_attention
 from SwinUNETRSegmentLib.inference.options import FastPath
 from SwinUNETRSegmentLib.models.swin_unet import SwinUnet
-from SwinUNETRSegmentLib.inference.cpu.window_attention import cached_window_attention
-from test_fastpath import body_volume
 
 
 def swinunetr(dtype=torch.float32, feature_size=12):
@@ -92,7 +92,8 @@ def test_engine_labels_unchanged_by_the_cached_attention(tiny_checkpoint):
     card = tiny_card(spacing=(4.0, 4.0, 4.0))
     vol, _, _ = body_volume(("3mm", (3.0, 3.0, 3.0), np.eye(3), (0.0, 0.0, 0.0)), fov_mm=120.0)
     on = Segmenter(card, tiny_checkpoint, device="cpu", fast=FastPath(precision="float32", cpu_batch=2)).segment(vol)
-    off = Segmenter(card, tiny_checkpoint, device="cpu",
-                    fast=FastPath(precision="float32", cpu_batch=2, cached_attention=False)).segment(vol)
+    off = Segmenter(
+        card, tiny_checkpoint, device="cpu", fast=FastPath(precision="float32", cpu_batch=2, cached_attention=False)
+    ).segment(vol)
     assert on.stats["attention_cached"] == 8 and off.stats["attention_cached"] == 0
     assert np.array_equal(on.labels.array, off.labels.array)

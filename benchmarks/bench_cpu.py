@@ -75,15 +75,13 @@ def worker(args) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     if args.worker == "reference":
-        from reference import run_reference
-
-        from reference import image_reader
+        from reference import image_reader, run_reference
 
         labels, affine, timings = run_reference(args.input, card, args.checkpoint, device=args.device)
         result["reader"] = image_reader()
     else:
-        from SwinUNETRSegmentLib.inference.engine import Segmenter
         from SwinUNETRSegmentLib.fileio.read import read_volume
+        from SwinUNETRSegmentLib.inference.engine import Segmenter
 
         fast = engine_fastpath(args.worker, json.loads(args.set or "{}"))
         t0 = time.perf_counter()
@@ -98,7 +96,11 @@ def worker(args) -> None:
         if args.warm:  # the same volume again in the same process: the warm engine
             t = time.perf_counter()
             res2 = seg.segment(vol)
-            result["warm"] = {"total": time.perf_counter() - t, **res2.timings, "same_labels": bool(np.array_equal(res2.labels.array, labels))}
+            result["warm"] = {
+                "total": time.perf_counter() - t,
+                **res2.timings,
+                "same_labels": bool(np.array_equal(res2.labels.array, labels)),
+            }
     if args.device.startswith("cuda"):
         result["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     import resource
@@ -126,9 +128,24 @@ def run_child(pipeline: str, input_path: Path, card: Path, checkpoint: Path, arg
     or, where that is missing, from the child's own report."""
     labels_out = str(tmp / f"{tag}.npy")
     result_json = tmp / f"{tag}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", pipeline, "--input", str(input_path),
-           "--card", str(card), "--checkpoint", str(checkpoint), "--device", args.device,
-           "--labels-out", labels_out, "--result-json", str(result_json)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        pipeline,
+        "--input",
+        str(input_path),
+        "--card",
+        str(card),
+        "--checkpoint",
+        str(checkpoint),
+        "--device",
+        args.device,
+        "--labels-out",
+        labels_out,
+        "--result-json",
+        str(result_json),
+    ]
     if pipeline != "reference" and args.set:
         cmd += ["--set", args.set]
     if pipeline != "reference" and args.warm:
@@ -169,15 +186,33 @@ def dice_table(a, b, values) -> dict[int, float | None]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: feature_size 12, the small CT blocks, 1 repeat")
-    p.add_argument("--inputs", default=None, help="comma list of: native, padded, clinical, quick, quick-padded, or file paths")
+    p.add_argument(
+        "--inputs", default=None, help="comma list of: native, padded, clinical, quick, quick-padded, or file paths"
+    )
     p.add_argument("--pipelines", default="reference,engine", help=f"comma list of: reference, {', '.join(VARIANTS)}")
-    p.add_argument("--repeats", type=int, default=None, help="runs per pipeline and input (median reported); 3 by default, 1 with --quick")
-    p.add_argument("--feature-size", type=int, default=None, help="random weights of this feature_size (48 by default, 12 with --quick)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs per pipeline and input (median reported); 3 by default, 1 with --quick",
+    )
+    p.add_argument(
+        "--feature-size",
+        type=int,
+        default=None,
+        help="random weights of this feature_size (48 by default, 12 with --quick)",
+    )
     p.add_argument("--card", default=None, help="card JSON of trained weights (with --checkpoint)")
     p.add_argument("--checkpoint", default=None, help="trained weights for the card")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
-    p.add_argument("--set", default=None, help='FastPath overrides for the engine variants, JSON, e.g. \'{"precision": "float32"}\'')
-    p.add_argument("--warm", action="store_true", help="engine: segment the same volume twice in one process, report the second")
+    p.add_argument(
+        "--set",
+        default=None,
+        help='FastPath overrides for the engine variants, JSON, e.g. \'{"precision": "float32"}\'',
+    )
+    p.add_argument(
+        "--warm", action="store_true", help="engine: segment the same volume twice in one process, report the second"
+    )
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--keep", default=None, help="keep the label maps in this folder")
     # child mode
@@ -191,7 +226,6 @@ def main(argv=None) -> int:
         return 0
 
     import numpy as np
-
     from inputs import INPUT_NAMES, make_input, random_checkpoint
 
     repeats = args.repeats or (1 if args.quick else 3)
@@ -213,8 +247,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  device {args.device}  "
-          f"threads {torch.get_num_threads()}  cores {os.cpu_count()}  weights: {weights}  repeats {repeats}", flush=True)
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  device {args.device}  "
+        f"threads {torch.get_num_threads()}  cores {os.cpu_count()}  weights: {weights}  repeats {repeats}",
+        flush=True,
+    )
     all_results = []
     with tempfile.TemporaryDirectory(prefix="swinunetr-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -225,8 +262,11 @@ def main(argv=None) -> int:
                     tag = f"{Path(name).name}-{pl}-{r}"
                     res = run_child(pl, inp, card, ckpt, args, tmp, tag)
                     runs[pl].append(res)
-                    print(f"  {name:>12} {pl:>10} run {r + 1}: {res['timings']['total']:.1f} s, "
-                          f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+                    print(
+                        f"  {name:>12} {pl:>10} run {r + 1}: {res['timings']['total']:.1f} s, "
+                        f"peak RSS {res['peak_rss_mb']:.0f} MB",
+                        flush=True,
+                    )
             report = summarize(name, inp, runs, card, args)
             all_results.append(report)
             if args.keep:
@@ -235,8 +275,13 @@ def main(argv=None) -> int:
                 for pl, rs in runs.items():
                     np.save(keep / f"{Path(name).name}-{pl}.npy", np.load(rs[-1]["labels"]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"weights": weights, "device": args.device, "repeats": repeats,
-                                               "results": all_results}, indent=1, default=str))
+        Path(args.json).write_text(
+            json.dumps(
+                {"weights": weights, "device": args.device, "repeats": repeats, "results": all_results},
+                indent=1,
+                default=str,
+            )
+        )
     return 0
 
 
@@ -253,7 +298,8 @@ def summarize(name: str, path: Path, runs: dict, card_path: Path, args) -> dict:
     ref_aff = np.load(runs[ref_name][-1]["labels"] + ".affine.npy")
     shape = ref.shape
     print(f"\n## {name}: {path.name}, {shape[0]} x {shape[1]} x {shape[2]}")
-    header = f"{'pipeline':>10} {'end-to-end s':>13} {'x ref':>6} {'peak RSS MB':>12} {'/ref':>5} {'windows':>9} {'mean Dice':>9}  stages (median s)"
+    header = (f"{'pipeline':>10} {'end-to-end s':>13} {'x ref':>6} {'peak RSS MB':>12} {'/ref':>5} {'windows':>9}"
+              f" {'mean Dice':>9}  stages (median s)")
     print(header)
     ref_total = statistics.median(r["timings"]["total"] for r in runs[ref_name])
     ref_rss = statistics.median(r["peak_rss_mb"] for r in runs[ref_name])
@@ -272,15 +318,29 @@ def summarize(name: str, path: Path, runs: dict, card_path: Path, args) -> dict:
         st = rs[-1].get("stats", {})
         win = f"{st.get('windows_run', '')}/{st.get('windows_full_image', '')}" if st else "all"
         stage_txt = " ".join(f"{k} {v:.1f}" for k, v in stages.items())
-        print(f"{pl:>10} {total:13.1f} {ref_total / total:6.2f} {rss:12.0f} {rss / ref_rss:5.2f} {win:>9} {mean:9.4f}  {stage_txt}")
-        entry = {"total_median_s": total, "totals_s": [r["timings"]["total"] for r in rs], "speedup": ref_total / total,
-                 "peak_rss_mb": rss, "rss_ratio": rss / ref_rss, "stages_median_s": stages, "mean_dice_vs_ref": mean,
-                 "dice_vs_ref": {label_names[v]: d for v, d in dice.items()}, "stats": st}
+        print(
+            f"{pl:>10} {total:13.1f} {ref_total / total:6.2f} {rss:12.0f} {rss / ref_rss:5.2f} {win:>9} {mean:9.4f}"
+            f"  {stage_txt}"
+        )
+        entry = {
+            "total_median_s": total,
+            "totals_s": [r["timings"]["total"] for r in rs],
+            "speedup": ref_total / total,
+            "peak_rss_mb": rss,
+            "rss_ratio": rss / ref_rss,
+            "stages_median_s": stages,
+            "mean_dice_vs_ref": mean,
+            "dice_vs_ref": {label_names[v]: d for v, d in dice.items()},
+            "stats": st,
+        }
         if "gpu_peak_mb" in rs[-1]:
             entry["gpu_peak_mb"] = max(r["gpu_peak_mb"] for r in rs)
         if "warm" in rs[-1]:
             entry["warm"] = rs[-1]["warm"]
-            print(f"{'':>10} warm second run: {rs[-1]['warm']['total']:.1f} s (preprocess {rs[-1]['warm']['preprocess']:.2f} s)")
+            print(
+                f"{'':>10} warm second run: {rs[-1]['warm']['total']:.1f} s"
+                f" (preprocess {rs[-1]['warm']['preprocess']:.2f} s)"
+            )
         out["pipelines"][pl] = entry
     for pl, entry in out["pipelines"].items():
         if pl == ref_name:

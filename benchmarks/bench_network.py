@@ -23,14 +23,15 @@ wider margins). ``--quick`` is a smoke run (feature_size 12, 64^3).
 """
 
 from __future__ import annotations
-from SwinUNETRSegmentLib.inference.devices import configure_threads, cpu_has_native_bf16
-from SwinUNETRSegmentLib.inference.network import use_fused_attention
 
 import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from SwinUNETRSegmentLib.inference.devices import configure_threads, cpu_has_native_bf16
+from SwinUNETRSegmentLib.inference.network import use_fused_attention
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "SwinUNETRSegment"))
@@ -61,8 +62,11 @@ def main(argv=None) -> int:
     reference = SwinUNETR(in_channels=1, out_channels=14, feature_size=fs).eval()
     windows = torch.rand((4, 1, roi, roi, roi), generator=torch.Generator().manual_seed(1))
     bf16 = cpu_has_native_bf16()
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  threads {threads}  feature_size {fs}  "
-          f"window {roi}^3  native bfloat16: {bf16}  repeats {repeats}", flush=True)
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  threads {threads}  feature_size {fs}  "
+        f"window {roi}^3  native bfloat16: {bf16}  repeats {repeats}",
+        flush=True,
+    )
 
     def timed(net, x, contexts=()):
         times = []
@@ -96,8 +100,14 @@ def main(argv=None) -> int:
             seconds.append(s)
             outs.append(o)
         out = torch.cat(outs)
-        rows.append((name, statistics.mean(seconds), float((out - ref_out).abs().max()),
-                     float((out.argmax(1) == ref_labels).float().mean())))
+        rows.append(
+            (
+                name,
+                statistics.mean(seconds),
+                float((out - ref_out).abs().max()),
+                float((out.argmax(1) == ref_labels).float().mean()),
+            )
+        )
     print(f"\n{'network as run':52s} {'s/window':>9} {'x ref':>6} {'max |logit diff|':>17} {'argmax agrees':>14}")
     for name, s, diff, agree in rows:
         print(f"{name:52s} {s:9.2f} {ref_s / s:6.2f} {diff:17.4f} {agree:14.4f}")

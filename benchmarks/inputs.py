@@ -86,7 +86,8 @@ def _resample_to(array: np.ndarray, affine: np.ndarray, dst_affine: np.ndarray, 
         slab = dst_affine.copy()
         slab[:3, 3] = dst_affine[:3, :3] @ np.array([0.0, 0.0, k0]) + dst_affine[:3, 3]
         res = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
-            src, dst_affine=torch.as_tensor(slab), spatial_size=(shape[0], shape[1], k1 - k0))
+            src, dst_affine=torch.as_tensor(slab), spatial_size=(shape[0], shape[1], k1 - k0)
+        )
         out[:, :, k0:k1] = np.round(res.as_tensor()[0].numpy() + AIR_HU).astype(np.int16)
     return out
 
@@ -127,7 +128,7 @@ def _crop_quick(arr: np.ndarray, aff: np.ndarray) -> tuple[np.ndarray, np.ndarra
     stomach, pancreas, aorta and both adrenals (indices of this scan)."""
     lo = np.array([30, 20, 82])
     hi = np.minimum(lo + np.array([60, 50, 30]), arr.shape)
-    out = arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    out = arr[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     m = aff.copy()
     m[:3, 3] = aff[:3, :3] @ lo + aff[:3, 3]
     return np.ascontiguousarray(out), m
@@ -146,8 +147,11 @@ def random_checkpoint(feature_size: int, cache: Path | None = None, seed: int = 
     cache = Path(cache or cache_dir())
     cache.mkdir(parents=True, exist_ok=True)
     card = load_card("btcv")
-    card = dataclasses.replace(card, name=f"btcv-random-fs{feature_size}",
-                               network_args={**card.network_args, "feature_size": int(feature_size)})
+    card = dataclasses.replace(
+        card,
+        name=f"btcv-random-fs{feature_size}",
+        network_args={**card.network_args, "feature_size": int(feature_size)},
+    )
     card_path = cache / f"btcv-random-fs{feature_size}.json"
     ckpt = cache / f"btcv-random-fs{feature_size}-seed{seed}.pt"
     if not card_path.exists():

@@ -38,24 +38,44 @@ def image_reader() -> str:
 
 
 def build_transforms(card):
-    from monai.transforms import (Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, EnsureTyped, Invertd,
-                                  LoadImaged, Orientationd, ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        Activationsd,
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        EnsureTyped,
+        Invertd,
+        LoadImaged,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
     it = card.intensity
-    pre = Compose([
-        LoadImaged(keys="image", reader=image_reader()),
-        EnsureChannelFirstd(keys="image"),
-        Orientationd(keys="image", axcodes=card.orientation),
-        Spacingd(keys="image", pixdim=list(card.spacing), mode=card.interpolation),
-        ScaleIntensityRanged(keys="image", a_min=it["a_min"], a_max=it["a_max"], b_min=it["b_min"], b_max=it["b_max"],
-                             clip=bool(it.get("clip", True))),
-        EnsureTyped(keys="image"),
-    ])
-    post = Compose([
-        Activationsd(keys="pred", softmax=True),
-        Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
-        AsDiscreted(keys="pred", argmax=True),
-    ])
+    pre = Compose(
+        [
+            LoadImaged(keys="image", reader=image_reader()),
+            EnsureChannelFirstd(keys="image"),
+            Orientationd(keys="image", axcodes=card.orientation),
+            Spacingd(keys="image", pixdim=list(card.spacing), mode=card.interpolation),
+            ScaleIntensityRanged(
+                keys="image",
+                a_min=it["a_min"],
+                a_max=it["a_max"],
+                b_min=it["b_min"],
+                b_max=it["b_max"],
+                clip=bool(it.get("clip", True)),
+            ),
+            EnsureTyped(keys="image"),
+        ]
+    )
+    post = Compose(
+        [
+            Activationsd(keys="pred", softmax=True),
+            Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+            AsDiscreted(keys="pred", argmax=True),
+        ]
+    )
     return pre, post
 
 
@@ -87,8 +107,9 @@ def run_reference(path: str, card, checkpoint: str, device: str = "cpu") -> tupl
     timings["preprocess"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    inferer = SlidingWindowInferer(roi_size=list(card.roi_size), sw_batch_size=card.sw_batch_size, overlap=card.overlap,
-                                   mode=card.blend_mode)
+    inferer = SlidingWindowInferer(
+        roi_size=list(card.roi_size), sw_batch_size=card.sw_batch_size, overlap=card.overlap, mode=card.blend_mode
+    )
     amp = torch.autocast("cuda", dtype=torch.float16) if dev.type == "cuda" else _null()
     with torch.no_grad(), amp:  # SupervisedEvaluator: eval mode, no_grad, amp on CUDA
         batch["pred"] = inferer(batch["image"].to(dev), net)

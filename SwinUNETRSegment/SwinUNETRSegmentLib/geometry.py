@@ -146,9 +146,10 @@ def check_volume(vol: Volume, source: str) -> None:
         raise UserError(f"{source} has voxels of type {vol.array.dtype}; give a scan with real-valued voxels")
     if vol.array.dtype.kind == "f":
         # a few planes at a time: no full-size boolean copy of a large scan
-        bad = sum(int(np.count_nonzero(~np.isfinite(vol.array[i:i + 8]))) for i in range(0, shape[0], 8))
+        bad = sum(int(np.count_nonzero(~np.isfinite(vol.array[i : i + 8]))) for i in range(0, shape[0], 8))
         if bad:
-            raise UserError(f"{source} has {bad} NaN or Inf voxels; fill them (e.g. with the background value) "
-                            "and try again")
+            raise UserError(
+                f"{source} has {bad} NaN or Inf voxels; fill them (e.g. with the background value) and try again"
+            )
     if not np.all(np.isfinite(vol.ijk_to_ras)) or abs(np.linalg.det(vol.ijk_to_ras[:3, :3])) < 1e-12:
         raise UserError(f"{source} has no valid voxel-to-world matrix (zero or undefined spacing); fix its header")

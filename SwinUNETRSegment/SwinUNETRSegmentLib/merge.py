@@ -106,7 +106,9 @@ def name_key(name: str) -> str:
     return " ".join(str(name).split()).casefold()
 
 
-def plan_merge(names: Iterable[str], existing: Sequence[ExistingSegment], policy: MergePolicy = MergePolicy()) -> list[MergeStep]:
+def plan_merge(
+    names: Iterable[str], existing: Sequence[ExistingSegment], policy: MergePolicy = MergePolicy()
+) -> list[MergeStep]:
     """The action for each label name a run produced, in the order given.
 
     Args:

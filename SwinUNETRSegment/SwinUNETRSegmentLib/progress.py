@@ -75,7 +75,9 @@ class ProgressTracker:
 
     def stage(self, stage: str, message: str = "") -> None:
         lo, _ = STAGES[stage]
-        self._emit(Progress(stage, lo, None if self._inference_start is None else self._tail_seconds(0), message or stage))
+        self._emit(
+            Progress(stage, lo, None if self._inference_start is None else self._tail_seconds(0), message or stage)
+        )
 
     def windows(self, done: int, total: int) -> None:
         """Report ``done`` of ``total`` sliding windows finished."""

@@ -66,7 +66,7 @@ def torch_problem(installed: VersionLookup = installed_version) -> Optional[str]
     if version is None:
         return "PyTorch is not installed"
     if not is_satisfied(TORCH_REQUIREMENT, installed):
-        return f"PyTorch {version} is too old (MONAI needs {TORCH_REQUIREMENT[len('torch'):]})"
+        return f"PyTorch {version} is too old (MONAI needs {TORCH_REQUIREMENT[len('torch') :]})"
     return None
 
 
@@ -99,7 +99,9 @@ class InstallPlan:
         if self.torch is not None:
             lines.append(f"{self.torch}; it is installed by the PyTorch extension ({TORCH_REQUIREMENT}).")
         if self.packages:
-            lines.append("These Python packages will be installed into Slicer's Python: " + ", ".join(self.packages) + ".")
+            lines.append(
+                "These Python packages will be installed into Slicer's Python: " + ", ".join(self.packages) + "."
+            )
         if self.constraints:
             lines.append("Slicer's own packages stay as they are: " + ", ".join(self.constraints) + ".")
         return "\n".join(lines) if lines else "Everything needed is installed."

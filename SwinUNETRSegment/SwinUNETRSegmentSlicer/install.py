@@ -20,7 +20,14 @@ import tempfile
 import slicer
 from slicer.i18n import tr as _
 
-from SwinUNETRSegmentLib.requirements import TORCH_REQUIREMENT, constraints_text, installed_version, plan_install, read_requirements, torch_problem
+from SwinUNETRSegmentLib.requirements import (
+    TORCH_REQUIREMENT,
+    constraints_text,
+    installed_version,
+    plan_install,
+    read_requirements,
+    torch_problem,
+)
 
 REQUESTER = "SwinUNETR Segment"
 
@@ -31,7 +38,9 @@ def ensureDependencies(requirementsPath: str) -> bool:
         return False
     plan = plan_install(read_requirements(requirementsPath))
     if plan.refused:
-        logging.warning(f"{REQUESTER}: not installing {', '.join(plan.refused)}: Slicer or the PyTorch extension provides them")
+        logging.warning(
+            f"{REQUESTER}: not installing {', '.join(plan.refused)}: Slicer or the PyTorch extension provides them"
+        )
     if not plan.packages:
         return True
     with tempfile.TemporaryDirectory(prefix="SwinUNETRSegment-") as folder:
@@ -50,7 +59,9 @@ def ensureDependencies(requirementsPath: str) -> bool:
                 logging.info(f"{REQUESTER}: {exc}")
                 return False
         else:
-            if not slicer.util.confirmOkCancelDisplay(plan.message(), windowTitle=_("{requester}: install Python packages").format(requester=REQUESTER)):
+            if not slicer.util.confirmOkCancelDisplay(
+                plan.message(), windowTitle=_("{requester}: install Python packages").format(requester=REQUESTER)
+            ):
                 return False
             slicer.util.pip_install(list(plan.packages) + ["-c", constraintsPath])
     return plan_install(read_requirements(requirementsPath)).nothing_to_do
@@ -64,21 +75,31 @@ def installTorch() -> bool:
     try:
         import PyTorchUtils
     except ImportError:
-        slicer.util.errorDisplay(_(
-            "SwinUNETR Segment needs PyTorch. Install the 'PyTorch' extension in the Extensions Manager, "
-            "restart Slicer and click Apply again."))
+        slicer.util.errorDisplay(
+            _(
+                "SwinUNETR Segment needs PyTorch. Install the 'PyTorch' extension in the Extensions Manager, "
+                "restart Slicer and click Apply again."
+            )
+        )
         return False
     if installed_version("torch") is not None:  # installed, but too old for MONAI
-        slicer.util.errorDisplay(_(
-            "{problem}. Update it in the PyTorch Utils module (uninstall, restart Slicer, install), "
-            "then click Apply again.").format(problem=problem))
+        slicer.util.errorDisplay(
+            _(
+                "{problem}. Update it in the PyTorch Utils module (uninstall, restart Slicer, install), "
+                "then click Apply again."
+            ).format(problem=problem)
+        )
         return False
     if not slicer.util.confirmOkCancelDisplay(
-        _("SwinUNETR Segment needs PyTorch ({requirement}), which is not installed.\n\n"
-          "Install it now with the PyTorch extension? It picks the build for this computer's GPU and "
-          "downloads up to a few GB; this can take several minutes.").format(requirement=TORCH_REQUIREMENT),
+        _(
+            "SwinUNETR Segment needs PyTorch ({requirement}), which is not installed.\n\n"
+            "Install it now with the PyTorch extension? It picks the build for this computer's GPU and "
+            "downloads up to a few GB; this can take several minutes."
+        ).format(requirement=TORCH_REQUIREMENT),
         windowTitle=_("{requester}: install PyTorch").format(requester=REQUESTER),
     ):
         return False
-    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT[len("torch"):])
+    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+        askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT[len("torch") :]
+    )
     return torch is not None and torch_problem() is None

@@ -52,17 +52,20 @@ def devices() -> Optional[list[tuple[str, str]]]:
     return available_devices()
 
 
-def catalog_segmenter(model: str, device: str = "auto", overlap: Optional[float] = None, sw_batch_size: Optional[int] = None):
+def catalog_segmenter(
+    model: str, device: str = "auto", overlap: Optional[float] = None, sw_batch_size: Optional[int] = None
+):
     """The engine's Segmenter for catalog model ``model`` (UserError when its weights are missing)."""
-    from SwinUNETRSegmentLib.models.catalog import resolve_model
     from SwinUNETRSegmentLib.inference.engine import Segmenter
+    from SwinUNETRSegmentLib.models.catalog import resolve_model
 
     card, weights = resolve_model(model)
     return Segmenter(card, weights, device=device, overlap=overlap, sw_batch_size=sw_batch_size)
 
 
-def download_progress(progress: ProgressCallback, cancel: Optional[threading.Event] = None,
-                      clock: Callable[[], float] = time.monotonic) -> Callable[[int, Optional[int]], None]:
+def download_progress(
+    progress: ProgressCallback, cancel: Optional[threading.Event] = None, clock: Callable[[], float] = time.monotonic
+) -> Callable[[int, Optional[int]], None]:
     """A ``progress(bytes_done, bytes_total)`` callback for :func:`SwinUNETRSegmentLib.catalog.download`
     that reports :class:`Progress` (stage "downloading weights", MB done, time left from the
     rate so far) and stops the download, by raising CancelledError, once ``cancel`` is set.
@@ -99,8 +102,14 @@ class ModelCache:
     def kept(self) -> Any:
         return self._kept
 
-    def get(self, model: str, device: str = "auto", overlap: Optional[float] = None,
-            sw_batch_size: Optional[int] = None, keep: bool = True):
+    def get(
+        self,
+        model: str,
+        device: str = "auto",
+        overlap: Optional[float] = None,
+        sw_batch_size: Optional[int] = None,
+        keep: bool = True,
+    ):
         """The segmenter for these settings; remembered for the next run when ``keep``."""
         key = (model, device, overlap, sw_batch_size)
         if self._kept is not None and self._key == key:

@@ -10,15 +10,24 @@
 from __future__ import annotations
 
 import numpy as np
+import slicer
 import vtk
 import vtkSegmentationCorePython as vtkSegmentationCore
 
-import slicer
-
-from SwinUNETRSegmentLib.inference.api import SegmentationResult
 from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentLib.geometry import Volume
-from SwinUNETRSegmentLib.merge import MODEL_TAG, STAMP_TAG, Action, ExistingSegment, MergePolicy, MergeStep, mask_stamp, name_key, plan_merge
+from SwinUNETRSegmentLib.inference.api import SegmentationResult
+from SwinUNETRSegmentLib.merge import (
+    MODEL_TAG,
+    STAMP_TAG,
+    Action,
+    ExistingSegment,
+    MergePolicy,
+    MergeStep,
+    mask_stamp,
+    name_key,
+    plan_merge,
+)
 
 from .segments import SegmentSpec, labels_for_import, present_values, segment_id_slots, segment_specs, stamps_by_value
 
@@ -33,7 +42,9 @@ def volumeFromNode(volumeNode) -> Volume:
 
 def createSegmentationNode(inputVolume, name: str):
     """A new segmentation on ``inputVolume``'s grid, beside it in the subject hierarchy."""
-    segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(name))
+    segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
+        "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(name)
+    )
     segmentationNode.CreateDefaultDisplayNodes()
     prepareSegmentationNode(segmentationNode, inputVolume)
     shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
@@ -53,8 +64,10 @@ def prepareSegmentationNode(segmentationNode, inputVolume) -> None:
     if segmentation.GetNumberOfSegments() == 0:
         segmentationNode.SetSourceRepresentationToBinaryLabelmap()
     elif segmentation.GetSourceRepresentationName() != binaryLabelmap:
-        raise UserError(f"segmentation '{segmentationNode.GetName()}' holds {segmentation.GetSourceRepresentationName()} segments, "
-                        "not a labelmap; choose 'Create new segmentation' as the output")
+        raise UserError(
+            f"segmentation '{segmentationNode.GetName()}' holds {segmentation.GetSourceRepresentationName()} segments, "
+            "not a labelmap; choose 'Create new segmentation' as the output"
+        )
     referenceRole = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
     if not segmentationNode.GetNodeReference(referenceRole):
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
@@ -81,14 +94,18 @@ def existingSegments(segmentationNode, inputVolume, stampNames=()) -> list[Exist
         current = None
         if written is not None and name_key(segment.GetName()) in wanted:
             try:
-                current = mask_stamp(slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, inputVolume))
+                current = mask_stamp(
+                    slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, inputVolume)
+                )
             except RuntimeError:
                 current = None  # cannot be exported: counts as edited, so it is kept
         segments.append(ExistingSegment(segmentId, segment.GetName(), written, current))
     return segments
 
 
-def writeSegments(segmentationNode, result: SegmentationResult, inputVolume, policy: MergePolicy = MergePolicy()) -> list[MergeStep]:
+def writeSegments(
+    segmentationNode, result: SegmentationResult, inputVolume, policy: MergePolicy = MergePolicy()
+) -> list[MergeStep]:
     """Write ``result`` into ``segmentationNode`` as ``policy`` allows; returns what was done per label."""
     prepareSegmentationNode(segmentationNode, inputVolume)
     labelsKji = np.ascontiguousarray(result.labels.kji())
@@ -131,12 +148,16 @@ def importLabels(segmentationNode, labelsKji: np.ndarray, assignments: dict[int,
         ijkToRas = vtk.vtkMatrix4x4()
         inputVolume.GetIJKToRASMatrix(ijkToRas)
         labelmapNode.SetIJKToRASMatrix(ijkToRas)
-        labelmapNode.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())  # the import maps it into the segmentation's frame
+        labelmapNode.SetAndObserveTransformNodeID(
+            inputVolume.GetTransformNodeID()
+        )  # the import maps it into the segmentation's frame
         slicer.util.updateVolumeFromArray(labelmapNode, labels_for_import(labelsKji, assignments))
         segmentIds = vtk.vtkStringArray()
         for segmentId in segment_id_slots(assignments):
             segmentIds.InsertNextValue(segmentId)
-        if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode, segmentIds):
+        if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(
+            labelmapNode, segmentationNode, segmentIds
+        ):
             raise RuntimeError("importing the labels into the segmentation failed")
     finally:
         slicer.mrmlScene.RemoveNode(labelmapNode)

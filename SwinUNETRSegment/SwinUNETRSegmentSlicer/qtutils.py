@@ -6,7 +6,6 @@ import logging
 import traceback
 
 import qt
-
 import slicer
 
 from SwinUNETRSegmentLib.errors import UserError

@@ -11,10 +11,9 @@ import time
 
 import numpy as np
 import qt
+import slicer
 import vtk
 import vtkSegmentationCorePython as vtkSegmentationCore
-
-import slicer
 
 from .models import catalog_segmenter
 from .testing import LIVER, SPLEEN, ThresholdSegmenter, expected_labels_kji, oracle_segmenter, synthetic_scan
@@ -32,8 +31,13 @@ class SelfTests:
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (self.test_SegmentsNamesAndGeometry, self.test_SecondRunKeepsEditedSegment,
-                     self.test_ApplyButtonRunsOffTheGuiThread, self.test_CancelLeavesSceneAsItWas, self.test_RealEngine):
+        for test in (
+            self.test_SegmentsNamesAndGeometry,
+            self.test_SecondRunKeepsEditedSegment,
+            self.test_ApplyButtonRunsOffTheGuiThread,
+            self.test_CancelLeavesSceneAsItWas,
+            self.test_RealEngine,
+        ):
             self.setUp()
             test()
 
@@ -54,12 +58,23 @@ class SelfTests:
         volume, expected = self.addScan()
         segmentationNode = self.standInLogic().process(volume)
         segmentation = segmentationNode.GetSegmentation()
-        self.assertEqual(sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())), ["liver", "spleen"])
-        self.assertEqual(segmentationNode.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()), volume)
+        self.assertEqual(
+            sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())),
+            ["liver", "spleen"],
+        )
+        self.assertEqual(
+            segmentationNode.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()),
+            volume,
+        )
         shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        self.assertEqual(shNode.GetItemParent(shNode.GetItemByDataNode(segmentationNode)), shNode.GetItemParent(shNode.GetItemByDataNode(volume)))
+        self.assertEqual(
+            shNode.GetItemParent(shNode.GetItemByDataNode(segmentationNode)),
+            shNode.GetItemParent(shNode.GetItemByDataNode(volume)),
+        )
         for name, value in (("spleen", SPLEEN), ("liver", LIVER)):
-            np.testing.assert_array_equal(self.segmentMask(segmentationNode, name, volume), (expected == value).astype(np.uint8))
+            np.testing.assert_array_equal(
+                self.segmentMask(segmentationNode, name, volume), (expected == value).astype(np.uint8)
+            )
         liver = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("liver"))
         self.assertIn("SCT^10200004^Liver", liver.GetTerminology())
         labelmap = vtkSegmentationCore.vtkOrientedImageData()
@@ -67,7 +82,9 @@ class SelfTests:
         segmentMatrix, volumeMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
         labelmap.GetImageToWorldMatrix(segmentMatrix)
         volume.GetIJKToRASMatrix(volumeMatrix)
-        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(segmentMatrix), slicer.util.arrayFromVTKMatrix(volumeMatrix), atol=1e-6)
+        np.testing.assert_allclose(
+            slicer.util.arrayFromVTKMatrix(segmentMatrix), slicer.util.arrayFromVTKMatrix(volumeMatrix), atol=1e-6
+        )
 
     def test_SecondRunKeepsEditedSegment(self):
         volume, expected = self.addScan()
@@ -85,7 +102,9 @@ class SelfTests:
             np.testing.assert_array_equal(self.segmentMask(segmentationNode, "liver", volume), edited)
         self.assertEqual({s.name: s.action.value for s in logic.lastMergeSteps}, {"spleen": "replace", "liver": "keep"})
         logic.process(volume, segmentationNode, replaceEdited=True)
-        np.testing.assert_array_equal(self.segmentMask(segmentationNode, "liver", volume), (expected == LIVER).astype(np.uint8))
+        np.testing.assert_array_equal(
+            self.segmentMask(segmentationNode, "liver", volume), (expected == LIVER).astype(np.uint8)
+        )
 
     def runApply(self, widget, timeoutSeconds=60):
         """Click Apply and let the event loop run until the run ends; returns the status texts shown meanwhile."""
@@ -152,6 +171,14 @@ class SelfTests:
         volume, expected = self.addScan()
         segmentationNode = self.logicClass(segmenterFactory=lambda *args: oracle_segmenter()).process(volume)
         segmentation = segmentationNode.GetSegmentation()
-        self.assertEqual(sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())), ["liver", "spleen"])
-        for name, value in (("spleen", SPLEEN), ("liver", LIVER)):  # MONAI preprocessing, windows and resampling back: exact
-            np.testing.assert_array_equal(self.segmentMask(segmentationNode, name, volume), (expected == value).astype(np.uint8))
+        self.assertEqual(
+            sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())),
+            ["liver", "spleen"],
+        )
+        for name, value in (
+            ("spleen", SPLEEN),
+            ("liver", LIVER),
+        ):  # MONAI preprocessing, windows and resampling back: exact
+            np.testing.assert_array_equal(
+                self.segmentMask(segmentationNode, name, volume), (expected == value).astype(np.uint8)
+            )

@@ -16,10 +16,10 @@ from typing import Optional
 
 import numpy as np
 
-from SwinUNETRSegmentLib.models.cards import ModelCard, load_card
-from SwinUNETRSegmentLib.inference.api import SegmentationResult
 from SwinUNETRSegmentLib.errors import CancelledError
 from SwinUNETRSegmentLib.geometry import Volume
+from SwinUNETRSegmentLib.inference.api import SegmentationResult
+from SwinUNETRSegmentLib.models.cards import ModelCard, load_card
 from SwinUNETRSegmentLib.progress import ProgressCallback, ProgressTracker
 
 #: Label values of the synthetic scan's two objects in the btcv card.
@@ -36,9 +36,14 @@ def selftest_card() -> ModelCard:
     """The btcv card (its label table) with 32^3 windows and the scan's own voxel size, so that
     the real engine's resampling to model space and back is exact on the synthetic scan."""
     return dataclasses.replace(
-        load_card("btcv"), name="btcv-selftest", title="Self-test model",
+        load_card("btcv"),
+        name="btcv-selftest",
+        title="Self-test model",
         network_args={**load_card("btcv").network_args, "feature_size": 12},
-        spacing=SCAN_SPACING, roi_size=(32, 32, 32), overlap=0.25, sw_batch_size=1,
+        spacing=SCAN_SPACING,
+        roi_size=(32, 32, 32),
+        overlap=0.25,
+        sw_batch_size=1,
     )
 
 
@@ -79,8 +84,9 @@ class ThresholdSegmenter:
         self.seconds_per_window = seconds_per_window
         self.calls = 0
 
-    def segment(self, volume: Volume, progress: Optional[ProgressCallback] = None,
-                cancel: Optional[threading.Event] = None) -> SegmentationResult:
+    def segment(
+        self, volume: Volume, progress: Optional[ProgressCallback] = None, cancel: Optional[threading.Event] = None
+    ) -> SegmentationResult:
         self.calls += 1
         tracker = ProgressTracker(progress)
         tracker.stage("preprocessing")
@@ -94,7 +100,9 @@ class ThresholdSegmenter:
             raise CancelledError("segmentation cancelled")
         tracker.stage("resampling")
         labels = expected_labels_kji(volume.kji()).transpose(2, 1, 0)
-        return SegmentationResult(Volume(np.ascontiguousarray(labels), volume.ijk_to_ras.copy()), self.card, self.device)
+        return SegmentationResult(
+            Volume(np.ascontiguousarray(labels), volume.ijk_to_ras.copy()), self.card, self.device
+        )
 
 
 def oracle_segmenter(card: Optional[ModelCard] = None):

@@ -14,9 +14,22 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from SwinUNETRSegmentLib.errors import UserError
 
-__all__ = ["available_devices", "resolve_device", "cpu_has_native_bf16", "autocast_dtype", "autocast",
-           "physical_cores", "local_world_size", "configure_threads", "threads_for", "thread_count", "Plan", "inference_plans",
-           "is_out_of_memory", "run_with_fallback"]
+__all__ = [
+    "available_devices",
+    "resolve_device",
+    "cpu_has_native_bf16",
+    "autocast_dtype",
+    "autocast",
+    "physical_cores",
+    "local_world_size",
+    "configure_threads",
+    "threads_for",
+    "thread_count",
+    "Plan",
+    "inference_plans",
+    "is_out_of_memory",
+    "run_with_fallback",
+]
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +275,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def run_with_fallback(plans: Sequence[Plan], attempt: Callable[[Plan], Any],
-                      on_fallback: Optional[Callable[[Plan, Plan], None]] = None, empty_cache: Callable[[], None] = lambda: None):
+def run_with_fallback(
+    plans: Sequence[Plan],
+    attempt: Callable[[Plan], Any],
+    on_fallback: Optional[Callable[[Plan, Plan], None]] = None,
+    empty_cache: Callable[[], None] = lambda: None,
+):
     """Run ``attempt(plan)`` for each plan in turn until one does not run out of memory.
 
     Every fallback is logged (and reported to ``on_fallback(failed, next)``); the last
@@ -279,7 +296,8 @@ def run_with_fallback(plans: Sequence[Plan], attempt: Callable[[Plan], Any],
             if n + 1 == len(plans):
                 raise UserError(
                     f"out of GPU memory even with {plan.describe()}; close other GPU programs, "
-                    "or run on the CPU (device cpu)") from None
+                    "or run on the CPU (device cpu)"
+                ) from None
             nxt = plans[n + 1]
             log.warning("out of GPU memory with %s; retrying with %s", plan.describe(), nxt.describe())
             if on_fallback is not None:

@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
 from SwinUNETRSegmentLib.geometry import Volume, check_volume
 from SwinUNETRSegmentLib.inference.api import SegmentationResult
@@ -177,9 +175,18 @@ class Segmenter:
         key = None
         if fast.cache_preprocessed:
             card = self.card
-            key = volume_key(volume.array, volume.ijk_to_ras, card.orientation, card.spacing, card.interpolation,
-                             sorted(card.intensity.items()), card.roi_size, self.overlap, fast.skip_air,
-                             fast.crop_to_body)
+            key = volume_key(
+                volume.array,
+                volume.ijk_to_ras,
+                card.orientation,
+                card.spacing,
+                card.interpolation,
+                sorted(card.intensity.items()),
+                card.roi_size,
+                self.overlap,
+                fast.skip_air,
+                fast.crop_to_body,
+            )
             if self._prepared is not None and self._prepared[0] == key:
                 return self._prepared[1], True
         prepared = prepare(self.card, volume, fast, self.overlap)
@@ -191,11 +198,19 @@ class Segmenter:
         """The network's answer for a window of pure air (every voxel ``b_min``), once."""
         import torch
 
-        key = (str(self.device), str(self._dtype), str(autocast_dtype(self.device, self.fast.precision)),
-               tuple(self.card.roi_size))
+        key = (
+            str(self.device),
+            str(self._dtype),
+            str(autocast_dtype(self.device, self.fast.precision)),
+            tuple(self.card.roi_size),
+        )
         if key not in self._air_outputs:
-            window = torch.full((1, 1) + tuple(self.card.roi_size), float(self.card.intensity["b_min"]),
-                                device=self.device, dtype=self._dtype)
+            window = torch.full(
+                (1, 1) + tuple(self.card.roi_size),
+                float(self.card.intensity["b_min"]),
+                device=self.device,
+                dtype=self._dtype,
+            )
             self._air_outputs[key] = net(window).float()
         return self._air_outputs[key]
 
@@ -263,13 +278,17 @@ class Segmenter:
         cpu_batch = cpu_windows_per_call(self._network, fast.cpu_batch, self.sw_batch_size)
         batch = cpu_batch if self.device.type == "cpu" else self.sw_batch_size
         stats: dict[str, Any] = dict(
-            preprocess_cached=cached, windows_total=total,
+            preprocess_cached=cached,
+            windows_total=total,
             windows_full_image=count_windows(prepared.full_shape, roi, self.overlap),
-            windows_air=len(prepared.air_starts), windows_run=total - len(prepared.air_starts),
+            windows_air=len(prepared.air_starts),
+            windows_run=total - len(prepared.air_starts),
             crop=None if prepared.box is None else [(s.start, s.stop) for s in prepared.box],
             model_shape=list(prepared.full_shape),
             precision="float32" if ac_dtype is None else str(ac_dtype).replace("torch.", ""),
-            weights=str(self._dtype).replace("torch.", ""), windows_per_call=batch)
+            weights=str(self._dtype).replace("torch.", ""),
+            windows_per_call=batch,
+        )
 
         t = time.perf_counter()
         with _eval_mode(self._network), fused_attention(self._network, fast.fused_attention):
@@ -281,23 +300,31 @@ class Segmenter:
         tracker.stage("resampling", "back to the input grid")
         outside = "border" if prepared.box is None else "background"
         with torch.inference_mode():
-            labels = to_input_grid(logits, prepared.affine, volume, fast.resample, outside, fast.slab_voxels,
-                                   check_cancel)
+            labels = to_input_grid(
+                logits, prepared.affine, volume, fast.resample, outside, fast.slab_voxels, check_cancel
+            )
         del logits
         timings["resample"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return SegmentationResult(Volume(labels, volume.ijk_to_ras.copy()), self.card, str(self.device), timings, stats)
 
-    def _run_windows(self, prepared: Prepared, batch: int, total: int, tracker: ProgressTracker, check_cancel,
-                     stats: dict):
+    def _run_windows(
+        self, prepared: Prepared, batch: int, total: int, tracker: ProgressTracker, check_cancel, stats: dict
+    ):
         """The stitched ``(1, C, X, Y, Z)`` float32 logits over the prepared image, with the
         out-of-memory ladder (:func:`~.devices.inference_plans`)."""
         import torch
         from monai.inferers import SlidingWindowInfererAdapt
 
         fast, net, roi = self.fast, self._runner, tuple(self.card.roi_size)
-        predictor = WindowPredictor(net, self._dtype, prepared.air_starts, lambda: self._air_output(net),
-                                    check_cancel, lambda done: tracker.windows(done, total))
+        predictor = WindowPredictor(
+            net,
+            self._dtype,
+            prepared.air_starts,
+            lambda: self._air_output(net),
+            check_cancel,
+            lambda done: tracker.windows(done, total),
+        )
 
         def attempt(plan: Plan):
             predictor.done = 0
@@ -306,14 +333,21 @@ class Segmenter:
             # the GPU is full; otherwise the plan's device holds the stitching buffer.
             stitch = None if plan.stitch_device == "auto" else torch.device(plan.stitch_device)
             x = prepared.image[None].to(self.device if stitch is None or stitch.type == self.device.type else stitch)
-            inferer = SlidingWindowInfererAdapt(roi_size=roi, sw_batch_size=plan.sw_batch_size, overlap=self.overlap,
-                                                mode=self.card.blend_mode, sw_device=self.device, device=stitch,
-                                                with_coord=True)
+            inferer = SlidingWindowInfererAdapt(
+                roi_size=roi,
+                sw_batch_size=plan.sw_batch_size,
+                overlap=self.overlap,
+                mode=self.card.blend_mode,
+                sw_device=self.device,
+                device=stitch,
+                with_coord=True,
+            )
             hooks = cancel_checks(self._network, check_cancel, enabled=plan.sw_batch_size > 1 and not fast.compile)
             amp = contextlib.nullcontext() if self._dtype != torch.float32 else autocast(self.device, fast.precision)
             attention = cached_window_attention(self._network, fast.cached_attention and not fast.compile)
-            pointwise = pointwise_as_matmul(self._network, fast.pointwise_matmul and self.device.type == "cpu"
-                                            and not fast.compile)
+            pointwise = pointwise_as_matmul(
+                self._network, fast.pointwise_matmul and self.device.type == "cpu" and not fast.compile
+            )
             with torch.inference_mode(), amp, hooks, attention as cached_modules, pointwise as matmul_modules:
                 stats["attention_cached"] = cached_modules
                 stats["pointwise_matmul"] = matmul_modules

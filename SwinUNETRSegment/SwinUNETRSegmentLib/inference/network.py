@@ -11,8 +11,15 @@ from typing import Optional
 
 from SwinUNETRSegmentLib.inference.devices import autocast_dtype, cpu_has_native_bf16
 
-__all__ = ["cpu_windows_per_call", "is_swin", "use_fused_attention", "fused_attention", "network_dtype",
-           "cancel_checks", "maybe_compile"]
+__all__ = [
+    "cpu_windows_per_call",
+    "is_swin",
+    "use_fused_attention",
+    "fused_attention",
+    "network_dtype",
+    "cancel_checks",
+    "maybe_compile",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,9 @@ def use_fused_attention(network, enabled: bool) -> int:
 
 
 def _attention_modules(network) -> list:
-    return [m for m in network.modules() if hasattr(m, "use_flash_attention") and hasattr(m, "relative_position_bias_table")]
+    return [
+        m for m in network.modules() if hasattr(m, "use_flash_attention") and hasattr(m, "relative_position_bias_table")
+    ]
 
 
 @contextlib.contextmanager
@@ -78,8 +87,13 @@ def network_dtype(device, precision: str, network, bf16_weights: bool):
     asked for: it then runs under bfloat16 autocast."""
     import torch
 
-    if (bf16_weights and getattr(device, "type", str(device)) == "cpu" and cpu_has_native_bf16()
-            and autocast_dtype(device, precision) == torch.bfloat16 and is_swin(network)):
+    if (
+        bf16_weights
+        and getattr(device, "type", str(device)) == "cpu"
+        and cpu_has_native_bf16()
+        and autocast_dtype(device, precision) == torch.bfloat16
+        and is_swin(network)
+    ):
         return torch.bfloat16
     return torch.float32
 

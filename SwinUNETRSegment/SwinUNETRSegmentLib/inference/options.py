@@ -157,9 +157,21 @@ class FastPath:
     @classmethod
     def plain(cls) -> "FastPath":
         """Everything off: float32, every window, the whole image, nearest labels back."""
-        return cls(precision="float32", bf16_weights=False, fused_attention=False, cached_attention=False,
-                   pointwise_matmul=False, threads=None, skip_air=False, crop_to_body=False, resample="labels",
-                   cpu_batch=1, gpu_stitching=True, compile=False, cache_preprocessed=False)
+        return cls(
+            precision="float32",
+            bf16_weights=False,
+            fused_attention=False,
+            cached_attention=False,
+            pointwise_matmul=False,
+            threads=None,
+            skip_air=False,
+            crop_to_body=False,
+            resample="labels",
+            cpu_batch=1,
+            gpu_stitching=True,
+            compile=False,
+            cache_preprocessed=False,
+        )
 
     def but(self, **changes: Any) -> "FastPath":
         return replace(self, **changes)

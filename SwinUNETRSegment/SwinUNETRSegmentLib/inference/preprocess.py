@@ -21,8 +21,16 @@ import numpy as np
 from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.models.cards import ModelCard
 
-__all__ = ["AXIS_LABELS", "to_metatensor", "geometric_transforms", "intensity_transform", "model_space_transforms",
-           "to_model_space", "air_floor", "air_is_constant"]
+__all__ = [
+    "AXIS_LABELS",
+    "to_metatensor",
+    "geometric_transforms",
+    "intensity_transform",
+    "model_space_transforms",
+    "to_model_space",
+    "air_floor",
+    "air_is_constant",
+]
 
 #: MONAI's names for the ends of each axis, so that "RAS" means what Slicer and NIfTI mean
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -55,12 +63,16 @@ def geometric_transforms(card: ModelCard, keys: Sequence[str] | None = None, lab
     from monai import transforms as T
 
     if keys is None:
-        return [T.Orientation(axcodes=card.orientation, labels=AXIS_LABELS),
-                T.Spacing(pixdim=card.spacing, mode=card.interpolation)]
+        return [
+            T.Orientation(axcodes=card.orientation, labels=AXIS_LABELS),
+            T.Spacing(pixdim=card.spacing, mode=card.interpolation),
+        ]
     keys = list(keys)
     modes = ["nearest" if k in label_keys else card.interpolation for k in keys]
-    return [T.Orientationd(keys=keys, axcodes=card.orientation, labels=AXIS_LABELS),
-            T.Spacingd(keys=keys, pixdim=card.spacing, mode=modes)]
+    return [
+        T.Orientationd(keys=keys, axcodes=card.orientation, labels=AXIS_LABELS),
+        T.Spacingd(keys=keys, pixdim=card.spacing, mode=modes),
+    ]
 
 
 def intensity_transform(card: ModelCard, key: str | None = None):
@@ -68,7 +80,9 @@ def intensity_transform(card: ModelCard, key: str | None = None):
     from monai import transforms as T
 
     it = card.intensity
-    args = dict(a_min=it["a_min"], a_max=it["a_max"], b_min=it["b_min"], b_max=it["b_max"], clip=bool(it.get("clip", True)))
+    args = dict(
+        a_min=it["a_min"], a_max=it["a_max"], b_min=it["b_min"], b_max=it["b_max"], clip=bool(it.get("clip", True))
+    )
     return T.ScaleIntensityRange(**args) if key is None else T.ScaleIntensityRanged(keys=key, **args)
 
 

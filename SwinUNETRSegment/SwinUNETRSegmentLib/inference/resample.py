@@ -24,8 +24,15 @@ import numpy as np
 
 from SwinUNETRSegmentLib.geometry import Volume, shift_affine
 
-__all__ = ["resample_labels", "to_input_grid", "softmax_inplace", "resample_probabilities", "resample_argmax",
-           "channel_argmax", "DENSE_BOUNDARIES"]
+__all__ = [
+    "resample_labels",
+    "to_input_grid",
+    "softmax_inplace",
+    "resample_probabilities",
+    "resample_argmax",
+    "channel_argmax",
+    "DENSE_BOUNDARIES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +53,25 @@ def resample_labels(src, dst: Volume, src_affine: Optional[np.ndarray] = None, o
         array, src_affine = src.array, src.ijk_to_ras
     else:
         array = src
-    img = MetaTensor(torch.as_tensor(np.asarray(array), dtype=torch.float32)[None],
-                     affine=torch.as_tensor(np.asarray(src_affine), dtype=torch.float64))
+    img = MetaTensor(
+        torch.as_tensor(np.asarray(array), dtype=torch.float32)[None],
+        affine=torch.as_tensor(np.asarray(src_affine), dtype=torch.float64),
+    )
     back = SpatialResample(mode="nearest", padding_mode=outside, dtype=torch.float64)(
         img, dst_affine=torch.as_tensor(dst.ijk_to_ras, dtype=torch.float64), spatial_size=dst.shape
     )
     return np.asarray(back.as_tensor()[0].round().to(torch.uint8).numpy())
 
 
-def to_input_grid(logits, model_affine: np.ndarray, volume: Volume, mode: str, outside: str, slab_voxels: int,
-                  cancel: Optional[Callable[[], None]] = None) -> np.ndarray:
+def to_input_grid(
+    logits,
+    model_affine: np.ndarray,
+    volume: Volume,
+    mode: str,
+    outside: str,
+    slab_voxels: int,
+    cancel: Optional[Callable[[], None]] = None,
+) -> np.ndarray:
     """uint8 labels on ``volume``'s grid from stitched ``(1, C, X, Y, Z)`` logits whose
     voxel-to-RAS matrix is ``model_affine``.
 
@@ -74,18 +90,37 @@ def to_input_grid(logits, model_affine: np.ndarray, volume: Volume, mode: str, o
 
     if mode == "labels":
         labels_model = logits.argmax(dim=1).to(torch.uint8).cpu()
-        return resample_labels(labels_model[0].numpy(), volume, src_affine=model_affine,
-                               outside="border" if outside == "border" else "zeros")
+        return resample_labels(
+            labels_model[0].numpy(),
+            volume,
+            src_affine=model_affine,
+            outside="border" if outside == "border" else "zeros",
+        )
     if mode == "boundaries":
+
         def run(scores):
-            return resample_argmax(scores, model_affine, volume.shape, volume.ijk_to_ras, outside=outside,
-                                   slab_voxels=slab_voxels, cancel=cancel)
+            return resample_argmax(
+                scores,
+                model_affine,
+                volume.shape,
+                volume.ijk_to_ras,
+                outside=outside,
+                slab_voxels=slab_voxels,
+                cancel=cancel,
+            )
     else:
         softmax_inplace(logits)
 
         def run(scores):
-            return resample_probabilities(scores, model_affine, volume.shape, volume.ijk_to_ras, outside=outside,
-                                          slab_voxels=slab_voxels, cancel=cancel)
+            return resample_probabilities(
+                scores,
+                model_affine,
+                volume.shape,
+                volume.ijk_to_ras,
+                outside=outside,
+                slab_voxels=slab_voxels,
+                cancel=cancel,
+            )
 
     if logits.device.type != "cuda":
         return run(logits[0])
@@ -107,13 +142,21 @@ def softmax_inplace(logits, chunk: int = 8) -> None:
     import torch
 
     for z0 in range(0, logits.shape[-1], chunk):
-        part = logits[..., z0:z0 + chunk]
+        part = logits[..., z0 : z0 + chunk]
         part.copy_(torch.softmax(part, dim=1))
 
 
-def resample_probabilities(probs, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
-                           outside: str = "border", slab_voxels: int = 1 << 20, out: Optional[np.ndarray] = None,
-                           cancel: Optional[Callable[[], None]] = None, softmax: bool = False) -> np.ndarray:
+def resample_probabilities(
+    probs,
+    src_affine: np.ndarray,
+    dst_shape: Sequence[int],
+    dst_affine: np.ndarray,
+    outside: str = "border",
+    slab_voxels: int = 1 << 20,
+    out: Optional[np.ndarray] = None,
+    cancel: Optional[Callable[[], None]] = None,
+    softmax: bool = False,
+) -> np.ndarray:
     """Labels on the input grid from model-space class probabilities, slab by slab.
 
     Each slab of the destination (a few planes along its first axis) takes the part of
@@ -149,20 +192,27 @@ def resample_probabilities(probs, src_affine: np.ndarray, dst_shape: Sequence[in
     step = max(1, int(slab_voxels) // max(plane, 1))
     if outside not in ("border", "background"):
         raise ValueError(f"outside must be 'border' or 'background', got {outside!r}")
-    resample = SpatialResample(mode="bilinear", padding_mode="border" if outside == "border" else "zeros", dtype=torch.float32)
+    resample = SpatialResample(
+        mode="bilinear", padding_mode="border" if outside == "border" else "zeros", dtype=torch.float32
+    )
     for i0 in range(0, dst_shape[0], step):
         if cancel is not None:
             cancel()
         i1 = min(i0 + step, dst_shape[0])
-        corners = np.array([[i, j, k, 1.0] for i in (i0, i1 - 1) for j in (0, dst_shape[1] - 1) for k in (0, dst_shape[2] - 1)])
+        corners = np.array(
+            [[i, j, k, 1.0] for i in (i0, i1 - 1) for j in (0, dst_shape[1] - 1) for k in (0, dst_shape[2] - 1)]
+        )
         pts = (corners @ to_src.T)[:, :3]
         lo = np.clip(np.floor(pts.min(0)).astype(int) - 1, 0, src_shape - 1)
         hi = np.clip(np.ceil(pts.max(0)).astype(int) + 2, lo + 1, src_shape)
-        sub = probs[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        sub = probs[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
         sub = torch.softmax(sub.float(), dim=0) if softmax else sub.float()
         src = MetaTensor(sub, affine=torch.as_tensor(shift_affine(src_affine, lo)))
-        slab = resample(src, dst_affine=torch.as_tensor(shift_affine(dst_affine, (i0, 0, 0))),
-                        spatial_size=(i1 - i0,) + dst_shape[1:])
+        slab = resample(
+            src,
+            dst_affine=torch.as_tensor(shift_affine(dst_affine, (i0, 0, 0))),
+            spatial_size=(i1 - i0,) + dst_shape[1:],
+        )
         p = slab.as_tensor()
         if outside == "background":
             # Zero padding dropped the weight of the neighbours beyond the crop; it is
@@ -183,7 +233,9 @@ def _cell_labels(labels, outside: str):
 
     lab = labels
     if outside == "border":
-        lab = torch.nn.functional.pad(lab[None, None].float(), (0, 1, 0, 1, 0, 1), mode="replicate")[0, 0].to(torch.uint8)
+        lab = torch.nn.functional.pad(lab[None, None].float(), (0, 1, 0, 1, 0, 1), mode="replicate")[0, 0].to(
+            torch.uint8
+        )
     else:
         lab = torch.nn.functional.pad(lab, (1, 2, 1, 2, 1, 2), value=0)
     first = lab[:-1, :-1, :-1]
@@ -192,7 +244,7 @@ def _cell_labels(labels, outside: str):
         for dy in (0, 1):
             for dz in (0, 1):
                 if dx or dy or dz:
-                    same &= lab[dx:dx + first.shape[0], dy:dy + first.shape[1], dz:dz + first.shape[2]] == first
+                    same &= lab[dx : dx + first.shape[0], dy : dy + first.shape[1], dz : dz + first.shape[2]] == first
     cells = torch.where(same, first, torch.full_like(first, 255))
     return cells.contiguous()
 
@@ -201,9 +253,16 @@ def _cell_labels(labels, outside: str):
 DENSE_BOUNDARIES = 0.2
 
 
-def resample_argmax(logits, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
-                    outside: str = "border", slab_voxels: int = 1 << 22, out: Optional[np.ndarray] = None,
-                    cancel: Optional[Callable[[], None]] = None) -> np.ndarray:
+def resample_argmax(
+    logits,
+    src_affine: np.ndarray,
+    dst_shape: Sequence[int],
+    dst_affine: np.ndarray,
+    outside: str = "border",
+    slab_voxels: int = 1 << 22,
+    out: Optional[np.ndarray] = None,
+    cancel: Optional[Callable[[], None]] = None,
+) -> np.ndarray:
     """The labels of :func:`resample_probabilities` (linear probabilities, then argmax), with
     labels doing the travelling and probabilities computed only where a boundary lies.
 
@@ -230,7 +289,9 @@ def resample_argmax(logits, src_affine: np.ndarray, dst_shape: Sequence[int], ds
     n_classes = int(logits.shape[0])
     if n_classes >= 255:  # 255 marks a boundary cell
         probs = torch.softmax(logits.float(), dim=0)
-        return resample_probabilities(probs, src_affine, dst_shape, dst_affine, outside, slab_voxels, labels_out, cancel)
+        return resample_probabilities(
+            probs, src_affine, dst_shape, dst_affine, outside, slab_voxels, labels_out, cancel
+        )
     device = logits.device
     src_shape = [int(s) for s in logits.shape[1:]]
     model_labels = channel_argmax(logits)
@@ -271,12 +332,21 @@ def resample_argmax(logits, src_affine: np.ndarray, dst_shape: Sequence[int], ds
             # Boundaries nearly everywhere (an untrained network's noise): interpolating every
             # channel with grid_sample is then cheaper than gathering corners voxel by voxel.
             del coords, base, frac, flat, lab, edge
-            resample_probabilities(logits, src_affine, (i1 - i0,) + dst_shape[1:], shift_affine(dst_affine, (i0, 0, 0)),
-                                   outside=outside, slab_voxels=slab_voxels, out=labels_out[i0:i1], softmax=True)
+            resample_probabilities(
+                logits,
+                src_affine,
+                (i1 - i0,) + dst_shape[1:],
+                shift_affine(dst_affine, (i0, 0, 0)),
+                outside=outside,
+                slab_voxels=slab_voxels,
+                out=labels_out[i0:i1],
+                softmax=True,
+            )
             continue
         if bool(edge.any()):
-            lab[edge] = _interpolated_argmax(logits, [b[edge] for b in base], [f[edge] for f in frac], src_shape,
-                                             outside)
+            lab[edge] = _interpolated_argmax(
+                logits, [b[edge] for b in base], [f[edge] for f in frac], src_shape, outside
+            )
         labels_out[i0:i1] = lab.cpu().numpy()
         del coords, base, frac, flat, lab, edge
     return labels_out

@@ -23,8 +23,17 @@ from SwinUNETRSegmentLib.inference.preprocess import (
 )
 from SwinUNETRSegmentLib.models.cards import ModelCard
 
-__all__ = ["scan_interval", "count_windows", "monai_padding", "air_window_starts", "body_box", "volume_key", "Prepared",
-           "prepare", "WindowPredictor"]
+__all__ = [
+    "scan_interval",
+    "count_windows",
+    "monai_padding",
+    "air_window_starts",
+    "body_box",
+    "volume_key",
+    "Prepared",
+    "prepare",
+    "WindowPredictor",
+]
 
 
 # ----------------------------------------------------------------------------------------
@@ -78,8 +87,16 @@ def air_window_starts(air, roi_size: Sequence[int], overlap: float, pad_is_air: 
     out = set()
     for sl in dense_patch_slices(size, list(roi_size), interval):
         (x0, x1), (y0, y1), (z0, z1) = ((s.start, s.stop) for s in sl)
-        n = (cs[x1, y1, z1] - cs[x0, y1, z1] - cs[x1, y0, z1] - cs[x1, y1, z0]
-             + cs[x0, y0, z1] + cs[x0, y1, z0] + cs[x1, y0, z0] - cs[x0, y0, z0])
+        n = (
+            cs[x1, y1, z1]
+            - cs[x0, y1, z1]
+            - cs[x1, y0, z1]
+            - cs[x1, y1, z0]
+            + cs[x0, y0, z1]
+            + cs[x0, y1, z0]
+            + cs[x1, y0, z0]
+            - cs[x0, y0, z0]
+        )
         if int(n) == 0:
             out.add((x0, y0, z0))
     return out
@@ -207,8 +224,15 @@ class WindowPredictor:
         on_window: called with the number of windows done so far in this pass.
     """
 
-    def __init__(self, network, dtype, air_starts: set, air_output: Callable[[], Any],
-                 check_cancel: Callable[[], None], on_window: Callable[[int], None]):
+    def __init__(
+        self,
+        network,
+        dtype,
+        air_starts: set,
+        air_output: Callable[[], Any],
+        check_cancel: Callable[[], None],
+        on_window: Callable[[int], None],
+    ):
         self.network, self.dtype, self.air_starts = network, dtype, air_starts
         self.air_output, self.check_cancel, self.on_window = air_output, check_cancel, on_window
         self.done = 0
@@ -234,7 +258,7 @@ class WindowPredictor:
                 if a:
                     parts.append(air)
                 else:
-                    parts.append(result[r:r + 1])
+                    parts.append(result[r : r + 1])
                     r += 1
             out = torch.cat(parts)
         for _ in is_air:

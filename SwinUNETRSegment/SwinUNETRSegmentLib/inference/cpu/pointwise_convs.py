@@ -46,7 +46,13 @@ def _pointwise_forward(self, x):
 def _upsample_forward(self, x, output_size=None):
     import torch
 
-    if output_size is not None or torch.is_grad_enabled() or x.device.type != "cpu" or not x.is_contiguous() or x.dim() != 5:
+    if (
+        output_size is not None
+        or torch.is_grad_enabled()
+        or x.device.type != "cpu"
+        or not x.is_contiguous()
+        or x.dim() != 5
+    ):
         return type(self).forward(self, x, output_size)
     n, c, d, h, w = x.shape
     kd, kh, kw = self.kernel_size
@@ -68,16 +74,27 @@ def _upsample_forward(self, x, output_size=None):
 def _is_pointwise(m) -> bool:
     from torch import nn
 
-    return (type(m) is nn.Conv3d and tuple(m.kernel_size) == (1, 1, 1) and tuple(m.stride) == (1, 1, 1)
-            and m.groups == 1 and m.padding_mode == "zeros" and tuple(m.padding) == (0, 0, 0))
+    return (
+        type(m) is nn.Conv3d
+        and tuple(m.kernel_size) == (1, 1, 1)
+        and tuple(m.stride) == (1, 1, 1)
+        and m.groups == 1
+        and m.padding_mode == "zeros"
+        and tuple(m.padding) == (0, 0, 0)
+    )
 
 
 def _is_upsampling(m) -> bool:
     from torch import nn
 
-    return (type(m) is nn.ConvTranspose3d and tuple(m.kernel_size) == tuple(m.stride) and m.groups == 1
-            and tuple(m.padding) == (0, 0, 0) and tuple(m.output_padding) == (0, 0, 0)
-            and tuple(m.dilation) == (1, 1, 1))
+    return (
+        type(m) is nn.ConvTranspose3d
+        and tuple(m.kernel_size) == tuple(m.stride)
+        and m.groups == 1
+        and tuple(m.padding) == (0, 0, 0)
+        and tuple(m.output_padding) == (0, 0, 0)
+        and tuple(m.dilation) == (1, 1, 1)
+    )
 
 
 @contextlib.contextmanager

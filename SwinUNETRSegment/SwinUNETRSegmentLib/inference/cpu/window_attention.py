@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Any, Iterator
+from typing import Iterator
 
 #: Combined biases kept per attention module (one per window grid and dtype in practice).
 _MAX_BIASES = 4
@@ -70,8 +70,14 @@ def _combined_bias(module, mask, n: int, dtype):
     import torch
 
     table = module.relative_position_bias_table
-    key = (n, dtype, table.device, table.data_ptr(), table._version,
-           None if mask is None else (tuple(mask.shape), mask.data_ptr(), mask.dtype))
+    key = (
+        n,
+        dtype,
+        table.device,
+        table.data_ptr(),
+        table._version,
+        None if mask is None else (tuple(mask.shape), mask.data_ptr(), mask.dtype),
+    )
     cache = module._swinunetr_segment_biases
     bias = cache.get(key)
     if bias is None:
@@ -102,22 +108,29 @@ def _cached_forward(self, x, mask):
     q, k, v = qkv[0], qkv[1], qkv[2]  # (b, heads, n, d)
     bias = _combined_bias(self, mask, n, q.dtype)
     if mask is None:
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=0.0, scale=self.scale)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias[None], dropout_p=0.0, scale=self.scale
+        )
     else:
         # Windows come batch-major (index = image * windows + window), so viewing the batch
         # as (images, windows * heads) lines every window up with its bias plane and lets
         # the mask broadcast over the images.
         groups = b // mask.shape[0]
         q, k, v = (t.reshape(groups, -1, n, d) for t in (q, k, v))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], dropout_p=0.0, scale=self.scale)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias[None], dropout_p=0.0, scale=self.scale
+        )
         out = out.reshape(b, heads, n, d)
     out = out.transpose(1, 2).reshape(b, n, c)
     return self.proj_drop(self.proj(out))
 
 
 def _attention_modules(network):
-    return [m for m in network.modules()
-            if hasattr(m, "use_flash_attention") and hasattr(m, "relative_position_bias_table") and hasattr(m, "qkv")]
+    return [
+        m
+        for m in network.modules()
+        if hasattr(m, "use_flash_attention") and hasattr(m, "relative_position_bias_table") and hasattr(m, "qkv")
+    ]
 
 
 def _basic_layers(network):
@@ -132,7 +145,9 @@ def cached_window_attention(network, enabled: bool = True) -> Iterator[int]:
     a cached bias, and its Swin layers with a memoised shift mask; yields how many attention
     modules that is. Only this network's modules change, and only until exit; everything
     cached is freed then (a warm engine keeps no attention tensors between runs)."""
-    modules = [m for m in _attention_modules(network) if m.use_flash_attention] if enabled and network is not None else []
+    modules = (
+        [m for m in _attention_modules(network) if m.use_flash_attention] if enabled and network is not None else []
+    )
     if not modules:
         yield 0
         return
