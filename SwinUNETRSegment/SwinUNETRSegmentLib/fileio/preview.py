@@ -4,6 +4,11 @@ The slices pass through the largest segmented structures (the axial, coronal and
 sagittal planes holding the most labelled voxels), shown in radiological convention
 (patient's right on the image's left, anterior and superior up) with the voxel aspect
 ratio respected, and a legend of the segments present.
+
+The label volume is read in its own dtype (uint8 from the engine), a slab at a time:
+the planes' labelled-voxel counts and the values present come from running sums over
+slabs, and colours from a lookup table indexed by the three slices' labels, so that no
+full-size copy or mask of the volume is made.
 """
 
 from __future__ import annotations
@@ -13,9 +18,14 @@ from typing import Sequence
 
 import numpy as np
 
-from SwinUNETRSegmentLib.models.cards import LabelInfo
-from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.fileio.atomic import atomic_path
+from SwinUNETRSegmentLib.geometry import Volume
+from SwinUNETRSegmentLib.models.cards import LabelInfo
+
+__all__ = ["render_preview", "write_preview"]
+
+#: voxels per slab when the label volume is summed (bounds the temporary arrays)
+_SLAB_VOXELS = 1 << 18
 
 
 def _to_ras_axes(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
@@ -53,22 +63,47 @@ def _panel(gray: np.ndarray, lab: np.ndarray, colors: np.ndarray, aspect: tuple[
     return img.resize(size, Image.NEAREST)
 
 
+def _label_sums(lab: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Labelled (> 0) voxels in each plane along each axis of a 3D label array, and voxels
+    of each value ``0..max`` (negative values count as 0), summed a slab at a time."""
+    planes = [np.zeros(n, np.int64) for n in lab.shape]
+    values = np.zeros(1, np.int64)
+    step = max(1, _SLAB_VOXELS // max(1, lab.shape[1] * lab.shape[2]))
+    for start in range(0, lab.shape[0], step):
+        slab = lab[start:start + step]
+        fg = slab > 0
+        planes[0][start:start + slab.shape[0]] = fg.sum(axis=(1, 2))
+        planes[1] += fg.sum(axis=(0, 2))
+        planes[2] += fg.sum(axis=(0, 1))
+        flat = slab.reshape(-1)
+        part = np.bincount(flat if slab.dtype.kind in "bu" else np.maximum(flat, 0))
+        if len(part) > len(values):
+            part[: len(values)] += values
+            values = part
+        else:
+            values[: len(part)] += part
+    return planes, values
+
+
 def render_preview(image: Volume, labels: Volume, table: Sequence[LabelInfo], modality: str = "CT", height: int = 320):
-    """A PIL image: axial, coronal and sagittal slices with segments, and a legend."""
+    """A PIL image: axial, coronal and sagittal slices with segments, and a legend.
+
+    ``image`` and ``labels`` share one grid; ``labels`` holds the values of ``table``
+    (any integer dtype; 0 and negative values are not drawn).
+    """
     from PIL import Image, ImageDraw
 
     img, spacing = _to_ras_axes(image)
     lab, _ = _to_ras_axes(labels)
-    lab = lab.astype(np.int64)
-    colors = np.zeros((max([t.value for t in table] + [int(lab.max())]) + 1, 3), dtype=np.float32)
+    if lab.dtype.kind not in "bui":
+        lab = lab.astype(np.int64)
+    plane_counts, value_counts = _label_sums(lab)
+    colors = np.zeros((max([t.value for t in table] + [len(value_counts) - 1]) + 1, 3), dtype=np.float32)
     for t in table:
         colors[t.value] = t.color
-    fg = lab > 0
+    labelled = bool(value_counts[1:].any())
     # Planes with the most labelled voxels; the middle where nothing is labelled.
-    idx = []
-    for axis in range(3):
-        counts = fg.sum(axis=tuple(a for a in range(3) if a != axis))
-        idx.append(int(counts.argmax()) if counts.any() else img.shape[axis] // 2)
+    idx = [int(c.argmax()) if c.any() else img.shape[axis] // 2 for axis, c in enumerate(plane_counts)]
     x, y, z = idx
     sx, sy, sz = spacing
     # Radiological display: rows top->bottom = anterior->posterior (axial) or superior->inferior,
@@ -83,7 +118,7 @@ def render_preview(image: Volume, labels: Volume, table: Sequence[LabelInfo], mo
         p = _panel(_window(g, modality), l_, colors, aspect)
         w = max(1, int(round(p.width * height / p.height)))
         panels.append(p.resize((w, height), Image.NEAREST))
-    present = [t for t in table if np.any(lab == t.value)] if fg.any() else []
+    present = [t for t in table if 0 <= t.value < len(value_counts) and value_counts[t.value]] if labelled else []
     legend_h = 16 * ((len(present) + 2) // 3) + 8 if present else 24
     width = sum(p.width for p in panels) + 4 * (len(panels) + 1)
     out = Image.new("RGB", (width, height + 8 + legend_h), (0, 0, 0))
@@ -102,7 +137,9 @@ def render_preview(image: Volume, labels: Volume, table: Sequence[LabelInfo], mo
     return out
 
 
-def write_preview(path: str | Path, image: Volume, labels: Volume, table: Sequence[LabelInfo], modality: str = "CT") -> Path:
+def write_preview(path: str | Path, image: Volume, labels: Volume, table: Sequence[LabelInfo],
+                  modality: str = "CT") -> Path:
+    """Write :func:`render_preview` as a PNG through :func:`~SwinUNETRSegmentLib.fileio.atomic.atomic_path`."""
     pic = render_preview(image, labels, table, modality)
     with atomic_path(path) as tmp:
         pic.save(str(tmp), format="PNG")

@@ -7,19 +7,28 @@ compressed DICOM (JPEG, JPEG 2000, RLE) without extra packages.
 """
 
 from __future__ import annotations
+
+import contextlib
 import os
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
+
 import numpy as np
+
 from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentLib.geometry import Volume
 
+__all__ = ["NIFTI_SUFFIXES", "ITK_SUFFIXES", "ScanInfo", "has_suffix", "read_volume", "check_volume",
+           "native_stderr_held"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+_STDERR_LOCK = threading.RLock()
 
 
 @dataclass
@@ -41,6 +50,45 @@ def has_suffix(path: Path | str, suffixes: Sequence[str]) -> bool:
     return any(name.endswith(s) for s in suffixes)
 
 
+@contextlib.contextmanager
+def native_stderr_held() -> Iterator[None]:
+    """Hold back what native code (ITK, GDCM, MetaIO) prints on the process's stderr
+    (file descriptor 2) during the block: printed after the block when it completes,
+    dropped when it raises, so that a failed read shows only its one-line UserError
+    instead of ITK's multi-line ``WARNING: In .../itkGDCMSeriesFileNames.cxx`` first.
+
+    Where descriptor 2 cannot be redirected (no console), the block runs as it is.
+    """
+    with _STDERR_LOCK:
+        try:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):
+            yield
+            return
+        held = tempfile.TemporaryFile()
+        completed = False
+        try:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+                completed = True
+            finally:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    if sys.stderr is not None:
+                        sys.stderr.flush()
+                os.dup2(saved, 2)
+            if completed:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
+        finally:
+            os.close(saved)
+            held.close()
+
+
 # --------------------------------------------------------------------------------------
 # reading
 # --------------------------------------------------------------------------------------
@@ -58,18 +106,19 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> tuple[Volume
     p = Path(path)
     if not p.exists():
         raise UserError(f"input not found: {path}; check the path")
-    if p.is_dir():
-        vol, info = _read_dicom_folder(p, series_uid)
-    elif has_suffix(p, NIFTI_SUFFIXES):
-        vol, info = _read_nifti(p)
-    elif has_suffix(p, ITK_SUFFIXES):
-        vol, info = _read_itk(p)
-    else:
+    if not (p.is_dir() or has_suffix(p, NIFTI_SUFFIXES + ITK_SUFFIXES)):
         raise UserError(
             f"cannot read {p.name}: unsupported file type; give a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
             "MetaImage (.mha, .mhd) file or a folder holding one DICOM series"
         )
-    check_volume(vol, str(path))
+    with native_stderr_held():
+        if p.is_dir():
+            vol, info = _read_dicom_folder(p, series_uid)
+        elif has_suffix(p, NIFTI_SUFFIXES):
+            vol, info = _read_nifti(p)
+        else:
+            vol, info = _read_itk(p)
+        check_volume(vol, str(path))
     return vol, info
 
 
@@ -92,7 +141,8 @@ def check_volume(vol: Volume, source: str) -> None:
     if vol.array.dtype.kind == "f":
         bad = int(np.count_nonzero(~np.isfinite(vol.array)))
         if bad:
-            raise UserError(f"{source} has {bad} NaN or Inf voxels; fill them (e.g. with the background value) and try again")
+            raise UserError(f"{source} has {bad} NaN or Inf voxels; "
+                            "fill them (e.g. with the background value) and try again")
     if not np.all(np.isfinite(vol.ijk_to_ras)) or abs(np.linalg.det(vol.ijk_to_ras[:3, :3])) < 1e-12:
         raise UserError(f"{source} has no valid voxel-to-world matrix (zero or undefined spacing); fix its header")
 
@@ -103,7 +153,8 @@ def _read_nifti(p: Path) -> tuple[Volume, ScanInfo]:
     try:
         img = nib.load(str(p))
     except Exception as exc:  # nibabel raises many types for a bad header
-        raise UserError(f"cannot read {p.name} as NIfTI ({_one_line(exc)}); check that the file is complete and not corrupt") from None
+        raise UserError(f"cannot read {p.name} as NIfTI ({_one_line(exc)}); "
+                        "check that the file is complete and not corrupt") from None
     shape = tuple(int(s) for s in img.shape)
     dtype = img.get_data_dtype()
     if dtype.names is not None or len(shape) == 5:
@@ -118,7 +169,8 @@ def _read_nifti(p: Path) -> tuple[Volume, ScanInfo]:
         # dataobj applies the file's scaling and keeps the smallest dtype that holds it.
         data = np.asanyarray(img.dataobj)
     except Exception as exc:
-        raise UserError(f"cannot read the voxels of {p.name}: the file is truncated or corrupt ({_one_line(exc)}); copy it again") from None
+        raise UserError(f"cannot read the voxels of {p.name}: the file is truncated or corrupt ({_one_line(exc)}); "
+                        "copy it again") from None
     data = np.asarray(data).reshape(shape)
     return Volume(data, img.affine), ScanInfo(source=str(p))
 
@@ -148,7 +200,8 @@ def _read_itk(p: Path) -> tuple[Volume, ScanInfo]:
     try:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
-        raise UserError(f"cannot read {p.name} ({_itk_reason(exc)}); check that the file and any data file it names are complete") from None
+        raise UserError(f"cannot read {p.name} ({_itk_reason(exc)}); "
+                        "check that the file and any data file it names are complete") from None
     return _itk_image_to_volume(image, str(p)), ScanInfo(source=str(p))
 
 
@@ -177,11 +230,13 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[Volume, Sc
 
     series = _find_series(folder)
     if not series:
-        raise UserError(f"no DICOM series found in folder {folder} or its subfolders; give a folder of DICOM files or an image file")
+        raise UserError(f"no DICOM series found in folder {folder} or its subfolders; "
+                        "give a folder of DICOM files or an image file")
     if series_uid is not None:
         chosen = [s for s in series if s[1] == series_uid]
         if not chosen:
-            raise UserError(f"series {series_uid} is not in {folder}; series there: {'; '.join(_describe_series(series))}")
+            raise UserError(f"series {series_uid} is not in {folder}; "
+                            f"series there: {'; '.join(_describe_series(series))}")
         where, uid = chosen[0]
     elif len(series) > 1:
         raise UserError(
@@ -196,12 +251,14 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[Volume, Sc
     try:
         image = r.Execute()
     except RuntimeError as exc:
-        raise UserError(f"cannot read the DICOM series in {where} ({_itk_reason(exc)}); check that its files are complete") from None
+        raise UserError(f"cannot read the DICOM series in {where} ({_itk_reason(exc)}); "
+                        "check that its files are complete") from None
     if image.GetDimension() == 3 and image.GetSize()[2] == 1 and len(files) == 1:
         raise UserError(f"the DICOM series in {where} has a single slice (a 2D image); give a 3D series")
     modality, description = _dicom_tags(files[0], ("0008|0060", "0008|103e"))
     vol = _itk_image_to_volume(image, str(where))
-    return vol, ScanInfo(source=str(where), modality=modality, description=description, extra={"series_uid": uid, "files": len(files)})
+    return vol, ScanInfo(source=str(where), modality=modality, description=description,
+                         extra={"series_uid": uid, "files": len(files)})
 
 
 def _dicom_tags(filename: str, tags: Sequence[str]) -> list[str]:

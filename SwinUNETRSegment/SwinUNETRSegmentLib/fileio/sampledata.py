@@ -18,6 +18,10 @@ import tarfile
 from pathlib import Path
 
 from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.fileio.atomic import atomic_write_text
+
+__all__ = ["TS_VERSION", "TS_MEMBERS", "TOTALSEG_TO_BTCV", "DEMO_PAIRS", "cache_dir", "reference_files",
+           "write_demo_datalist"]
 
 TS_VERSION = "2.18.0"
 TS_MEMBERS = (
@@ -55,6 +59,7 @@ DEMO_PAIRS = (
 
 
 def cache_dir() -> Path:
+    """Where the archive is kept: ``SWINUNETR_SAMPLE_CACHE``, else the per-user cache folder."""
     env = os.environ.get("SWINUNETR_SAMPLE_CACHE")
     if env:
         return Path(env)
@@ -76,13 +81,14 @@ def reference_files(cache: Path | None = None, download: bool = True) -> Path:
             raise UserError(f"the example CT is not on this machine yet ({archive}); run once with network access")
         cache.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-             "-q", f"totalsegmentator=={TS_VERSION}", "-d", str(cache)],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "--disable-pip-version-check", "-q", f"totalsegmentator=={TS_VERSION}", "-d", str(cache)],
             capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900,
         )
         if proc.returncode != 0 or not archive.exists():
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no archive"
-            raise UserError(f"cannot fetch the example CT (totalsegmentator {TS_VERSION} source archive) with pip: {last}")
+            raise UserError(f"cannot fetch the example CT (totalsegmentator {TS_VERSION} source archive) "
+                            f"with pip: {last}")
     prefix = f"totalsegmentator-{TS_VERSION}/"
     with tarfile.open(archive) as tar:
         for m in tar.getmembers():
@@ -107,16 +113,17 @@ def write_demo_datalist(out_dir: Path, cache: Path | None = None) -> tuple[Path,
     datalist = {
         "description": "totalsegmentator 2.18.0 tests/reference_files: real CT with TotalSegmentator pseudo-labels",
         "training": [{"image": str(ref / img), "label": str(ref / lab)} for img, lab in DEMO_PAIRS],
-        "validation": [{"image": str(ref / "example_ct.nii.gz"), "label": str(ref / "example_seg_fast_force_split.nii.gz")}],
+        "validation": [{"image": str(ref / "example_ct.nii.gz"),
+                        "label": str(ref / "example_seg_fast_force_split.nii.gz")}],
     }
     dl = out_dir / "datalist.json"
-    dl.write_text(json.dumps(datalist, indent=2) + "\n")
+    atomic_write_text(dl, json.dumps(datalist, indent=2) + "\n")
     lm = out_dir / "totalseg_to_btcv.json"
-    lm.write_text(json.dumps({str(k): v for k, v in TOTALSEG_TO_BTCV.items()}, indent=2) + "\n")
+    atomic_write_text(lm, json.dumps({str(k): v for k, v in TOTALSEG_TO_BTCV.items()}, indent=2) + "\n")
     from SwinUNETRSegmentLib.models.cards import BUILTIN_CARD_DIR
 
     base = json.loads((BUILTIN_CARD_DIR / "demo.json").read_text(encoding="utf-8"))
     base["checkpoint"] = {}
     base.pop("training", None)
-    (out_dir / "base_card.json").write_text(json.dumps(base, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "base_card.json", json.dumps(base, indent=2) + "\n")
     return dl, lm

@@ -3,30 +3,37 @@ colour-table CSV beside it; outputs are checked before any work is done.
 """
 
 from __future__ import annotations
-from SwinUNETRSegmentLib.fileio.read import NIFTI_SUFFIXES
-from SwinUNETRSegmentLib.fileio.atomic import atomic_path
-from SwinUNETRSegmentLib.fileio.read import has_suffix
-from SwinUNETRSegmentLib.fileio.segnrrd import write_seg_nrrd
+
 import csv
 import io
 import os
 import tempfile
 from pathlib import Path
 from typing import Sequence
+
 import numpy as np
-from SwinUNETRSegmentLib.models.cards import LabelInfo
+
 from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.fileio.atomic import atomic_path
+from SwinUNETRSegmentLib.fileio.read import NIFTI_SUFFIXES, has_suffix
+from SwinUNETRSegmentLib.fileio.segnrrd import write_seg_nrrd
 from SwinUNETRSegmentLib.geometry import Volume
+from SwinUNETRSegmentLib.models.cards import LabelInfo
 
+__all__ = ["SEG_SUFFIXES", "LABELMAP_SUFFIXES", "OUTPUT_SUFFIXES", "check_output_path", "label_table_path",
+           "write_labelmap_nifti", "label_table_csv", "write_segmentation"]
 
+#: a Slicer segmentation file
 SEG_SUFFIXES = (".seg.nrrd",)
-
-
+#: a NIfTI label map (with a colour-table CSV beside it)
 LABELMAP_SUFFIXES = NIFTI_SUFFIXES
+#: every segmentation output
+OUTPUT_SUFFIXES = SEG_SUFFIXES + LABELMAP_SUFFIXES
 
 
 def check_output_path(path: str | Path, overwrite: bool = False, suffixes: Sequence[str] | None = None) -> Path:
-    """Fail before any work is done if ``path`` cannot be written."""
+    """Fail before any work is done if ``path`` cannot be written (a probe file is made
+    and deleted in its folder); returns ``path`` as a Path."""
     p = Path(path)
     if suffixes is not None and not has_suffix(p, suffixes):
         raise UserError(f"cannot write {p.name}: give an output ending in {', '.join(suffixes)}")
@@ -42,7 +49,8 @@ def check_output_path(path: str | Path, overwrite: bool = False, suffixes: Seque
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UserError(f"cannot write to folder {parent} ({exc.strerror or exc}); choose a folder you can write to") from None
+        raise UserError(f"cannot write to folder {parent} ({exc.strerror or exc}); "
+                        "choose a folder you can write to") from None
     return p
 
 
@@ -57,7 +65,8 @@ def label_table_path(labelmap_path: str | Path) -> Path:
 
 
 def write_labelmap_nifti(path: str | Path, labels: Volume, table: Sequence[LabelInfo]) -> Path:
-    """Write a NIfTI label map and, beside it, the label table as a Slicer colour table CSV.
+    """Write a NIfTI label map and, beside it, the label table as a Slicer colour table CSV,
+    both through :func:`~SwinUNETRSegmentLib.fileio.atomic.atomic_path`.
 
     Returns the path of the CSV.
     """
@@ -92,7 +101,8 @@ def label_table_csv(table: Sequence[LabelInfo]) -> str:
     ])
     for lab in table:
         mod = lab.type_modifier.as_list() if lab.type_modifier else ["", "", ""]
-        w.writerow([lab.value, lab.name, *lab.color, 255, *lab.category.as_list(), *lab.type.as_list(), *mod, "", "", "", "", "", ""])
+        w.writerow([lab.value, lab.name, *lab.color, 255, *lab.category.as_list(), *lab.type.as_list(), *mod,
+                    "", "", "", "", "", ""])
     return buf.getvalue()
 
 
@@ -105,5 +115,3 @@ def write_segmentation(path: str | Path, labels: Volume, table: Sequence[LabelIn
         return [Path(path), write_labelmap_nifti(path, labels, table)]
     raise UserError(f"cannot write {Path(path).name}: give an output ending in .seg.nrrd, .nii or .nii.gz")
 
-
-OUTPUT_SUFFIXES = SEG_SUFFIXES + LABELMAP_SUFFIXES
