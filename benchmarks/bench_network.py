@@ -4,7 +4,7 @@ the engine's fast path, in one process, side by side.
 
 The reference (MONAI model-zoo swin_unetr_btcv_segmentation) calls a float32 SwinUNETR on
 four 96^3 windows at a time with MONAI's plain window attention. The engine's steps, each
-on top of the previous one (``SwinUNETRSegmentLib.fastpath``):
+on top of the previous one (``SwinUNETRSegmentLib.inference.options.FastPath``):
 
 * ``bf16``: bfloat16 weights and windows (CPUs with native bfloat16), two windows per call;
 * ``+fused``: window attention through ``scaled_dot_product_attention``;
