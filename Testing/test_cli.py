@@ -2,7 +2,6 @@
 input gets one actionable line, exit code 2, no traceback and no output file."""
 
 from __future__ import annotations
-from SwinUNETRSegmentLib.fileio.read import read_volume
 
 import os
 import shutil
@@ -16,6 +15,7 @@ from conftest import grid_volume, make_affine
 from helpers import write_dicom_series, write_nifti
 
 from SwinUNETRSegmentLib.cli import main
+from SwinUNETRSegmentLib.fileio.read import read_volume
 from SwinUNETRSegmentLib.geometry import Volume
 
 CLI = str(Path(sys.executable).with_name("swinunetr-segment"))
@@ -97,16 +97,16 @@ def test_series_in_a_subfolder_is_found(tmp_path):
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
-    from SwinUNETRSegmentLib.cli.app import _progress_printer
+    from SwinUNETRSegmentLib.cli.segment import progress_printer
 
     class Pipe:
         def isatty(self):
             return False
 
     monkeypatch.setattr(sys, "stderr", Pipe())
-    callback, close = _progress_printer(quiet=False)
+    callback, close = progress_printer(quiet=False)
     assert callback is None
-    callback, close = _progress_printer(quiet=True)
+    callback, close = progress_printer(quiet=True)
     assert callback is None
 
 
@@ -211,7 +211,8 @@ def test_model_without_weights_says_how_to_get_them(capsys, tmp_path, good_scan,
 
 def test_checkpoint_that_does_not_fit_the_card(capsys, tmp_path, good_scan, tiny_checkpoint):
     out = tmp_path / "o.seg.nrrd"
-    rc, _, err = run_main(capsys, ["-i", good_scan, "-o", out, "--card", "btcv", "--checkpoint", tiny_checkpoint, "--device", "cpu"])
+    rc, _, err = run_main(capsys, ["-i", good_scan, "-o", out, "--card", "btcv", "--checkpoint", tiny_checkpoint,
+                                   "--device", "cpu"])
     assert_user_error(rc, err, "does not fit model card 'btcv'", outputs=[out])
 
 
@@ -232,7 +233,8 @@ def test_output_in_read_only_folder(capsys, tmp_path, good_scan, model_args):
     folder.mkdir()
     if os.geteuid() == 0:
         # chmod does not stop root; the immutable attribute does.
-        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        if shutil.which("chattr") is None \
+                or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
             pytest.skip("running as root where chattr +i is unavailable: cannot make a read-only folder")
         undo = ["chattr", "-i", str(folder)]
     else:
@@ -250,7 +252,7 @@ def test_output_in_read_only_folder(capsys, tmp_path, good_scan, model_args):
             folder.chmod(0o755)
 
 
-def test_existing_output_needs_overwrite(capsys, tmp_path, good_scan, model_args):
+def test_existing_output_needs_overwrite(capsys, tmp_path, good_scan, model_args, fake_segmenter):
     out = tmp_path / "o.seg.nrrd"
     out.write_text("a clinician's earlier result")
     rc, _, err = run_main(capsys, ["-i", good_scan, "-o", out, *model_args])
@@ -260,6 +262,7 @@ def test_existing_output_needs_overwrite(capsys, tmp_path, good_scan, model_args
     (tmp_path / "l.csv").write_text("keep me")
     rc, _, err = run_main(capsys, ["-i", good_scan, "-o", tmp_path / "l.nii.gz", *model_args])
     assert_user_error(rc, err, "l.csv already exists")
+    fake_segmenter()
     rc, _, err = run_main(capsys, ["-i", good_scan, "-o", out, "--overwrite", "-q", *model_args])
     assert rc == 0, err
     assert out.read_bytes().startswith(b"NRRD")
@@ -272,7 +275,8 @@ def test_bad_output_type_and_options(capsys, tmp_path, good_scan, model_args):
     assert_user_error(rc, err, "--overlap")
     rc, _, err = run_main(capsys, ["-i", good_scan])
     assert_user_error(rc, err, "-o/--output")
-    rc, _, err = run_main(capsys, ["-i", good_scan, "-o", tmp_path / "o.seg.nrrd", "--device", "cuda:7", "--card", "btcv",
+    rc, _, err = run_main(capsys, ["-i", good_scan, "-o", tmp_path / "o.seg.nrrd", "--device", "cuda:7",
+                                   "--card", "btcv",
                                    "--checkpoint", model_args[3]])
     if rc != 0:
         assert_user_error(rc, err, "cuda:7")
@@ -303,12 +307,13 @@ def test_synthetic_oblique_scan_all_outputs(capsys, tmp_path, model_args):
         assert im.format == "PNG" and im.width > 100 and im.height > 100
 
 
+@pytest.mark.slow
 def test_precision_float32_gives_the_same_labels_as_the_engine_in_float32(capsys, tmp_path, model_args):
     """--precision float32 is the reference-exact setting: the CLI's label map equals the
     engine's float32 answer voxel for voxel; a precision it does not know is refused."""
-    from SwinUNETRSegmentLib.models.cards import load_card
     from SwinUNETRSegmentLib.inference.engine import Segmenter
     from SwinUNETRSegmentLib.inference.options import FastPath
+    from SwinUNETRSegmentLib.models.cards import load_card
 
     arr = np.full((40, 36, 20), -1000, np.int16)
     arr[6:34, 5:30, 3:17] = 60
@@ -326,18 +331,20 @@ def test_precision_float32_gives_the_same_labels_as_the_engine_in_float32(capsys
     assert rc == 2 and "--precision" in err and "float32" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.network
 def test_real_ct_nifti_end_to_end(tmp_path, reference_files, tiny_card_file, tiny_checkpoint):
     """The console script on the real example CT: output grid == input grid, Slicer names and colours."""
     import nibabel as nib
-    from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
 
+    from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
     from SwinUNETRSegmentLib.models.cards import card_from_dict
 
     ct = reference_files / "example_ct.nii.gz"
     out, png = tmp_path / "ct.seg.nrrd", tmp_path / "ct.png"
-    proc = subprocess.run([CLI, "-i", ct, "-o", out, "--preview", png, "--card", tiny_card_file, "--checkpoint", tiny_checkpoint,
-                           "--device", "cpu"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    proc = subprocess.run([CLI, "-i", ct, "-o", out, "--preview", png, "--card", tiny_card_file,
+                           "--checkpoint", tiny_checkpoint, "--device", "cpu"],
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(out), str(png)]
     seg = slicerio.read_segmentation(str(out))
@@ -352,17 +359,20 @@ def test_real_ct_nifti_end_to_end(tmp_path, reference_files, tiny_card_file, tin
     assert png.stat().st_size > 1000
 
 
+@pytest.mark.slow
 @pytest.mark.network
 def test_real_ct_dicom_jpeg2000_end_to_end(tmp_path, reference_files, tiny_card_file, tiny_checkpoint):
     """The real JPEG 2000 DICOM series (blank UIDs): output on the series' own grid."""
     import SimpleITK as sitk
+
     from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
 
     folder = reference_files / "example_ct_dicom"
     out = tmp_path / "dcm.seg.nrrd"
     nii = tmp_path / "dcm.nii.gz"
-    proc = subprocess.run([CLI, "-i", folder, "-o", out, "-o", nii, "--card", tiny_card_file, "--checkpoint", tiny_checkpoint,
-                           "--device", "cpu"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
+    proc = subprocess.run([CLI, "-i", folder, "-o", out, "-o", nii, "--card", tiny_card_file,
+                           "--checkpoint", tiny_checkpoint, "--device", "cpu"],
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert proc.returncode == 0, proc.stderr
     r = sitk.ImageSeriesReader()
     r.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
@@ -384,6 +394,7 @@ def test_real_ct_dicom_jpeg2000_end_to_end(tmp_path, reference_files, tiny_card_
     assert physical_match(ours.with_array(np.zeros(ours.shape, np.uint8)), grid_of_theirs)
 
 
+@pytest.mark.slow
 def test_folder_of_scans_to_a_folder(capsys, tmp_path, model_args):
     """Batch mode: every scan of a folder (files and DICOM series folders), one model load,
     a bad scan reported and skipped, exit code 2 at the end."""
@@ -403,3 +414,112 @@ def test_folder_of_scans_to_a_folder(capsys, tmp_path, model_args):
     for name, src in (("a", scans / "a.nii.gz"), ("b_series", scans / "b_series")):
         back, _ = read_volume(out / f"{name}.seg.nrrd")
         assert back.same_grid(read_volume(src)[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Ctrl-C: the line says what had been written
+# ---------------------------------------------------------------------------------------
+class _Result:
+    def __init__(self, labels, card):
+        self.labels, self.card, self.device, self.timings = labels, card, "cpu", {"total": 0.0}
+
+    def present_labels(self):
+        return sorted(int(v) for v in np.unique(self.labels.array) if v)
+
+
+class _FakeSegmenter:
+    """Stands in for the network (labels a box); Ctrl-C arrives during call ``interrupt_on``."""
+
+    def __init__(self, card, interrupt_on=None):
+        self.card, self.interrupt_on, self.calls = card, interrupt_on, 0
+
+    def segment(self, volume, progress=None, cancel=None):
+        self.calls += 1
+        if self.calls == self.interrupt_on:
+            raise KeyboardInterrupt
+        lab = np.zeros(volume.shape, np.uint8)
+        lab[1:4, 1:4, 1:4] = 1
+        return _Result(volume.with_array(lab), self.card)
+
+
+@pytest.fixture()
+def fake_segmenter(monkeypatch):
+    from SwinUNETRSegmentLib.cli import segment
+
+    made = {}
+
+    def install(interrupt_on=None):
+        def make(args, card, weights):
+            made["segmenter"] = _FakeSegmenter(card, interrupt_on)
+            return made["segmenter"]
+
+        monkeypatch.setattr(segment, "_segmenter", make)
+        return made
+
+    return install
+
+
+def _no_temporary_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if ".part" in p.name or p.name.startswith(".swinunetr")]
+
+
+def test_cancel_between_outputs_names_the_output_already_written(capsys, tmp_path, good_scan, model_args,
+                                                                 fake_segmenter, monkeypatch):
+    from SwinUNETRSegmentLib.cli import segment
+
+    fake_segmenter()
+    calls = []
+    real = segment.write_segmentation
+
+    def write_then_interrupt(path, labels, table):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, labels, table)
+
+    monkeypatch.setattr(segment, "write_segmentation", write_then_interrupt)
+    first, second, png = tmp_path / "a.seg.nrrd", tmp_path / "b.nii.gz", tmp_path / "p.png"
+    rc, out, err = run_main(capsys, ["-i", good_scan, "-o", first, "-o", second, "--preview", png, "-q", *model_args])
+    assert rc == 130 and out == ""
+    assert err.splitlines() == [f"swinunetr-segment: cancelled; written before the cancel: {first}; "
+                                "nothing else was written"]
+    assert first.is_file() and not second.exists() and not (tmp_path / "b.csv").exists() and not png.exists()
+    assert _no_temporary_files(tmp_path)
+
+
+def test_cancel_before_any_output_says_nothing_was_written(capsys, tmp_path, good_scan, model_args, fake_segmenter):
+    fake_segmenter(interrupt_on=1)
+    out = tmp_path / "a.seg.nrrd"
+    rc, _, err = run_main(capsys, ["-i", good_scan, "-o", out, "-q", *model_args])
+    assert rc == 130
+    assert err.splitlines() == ["swinunetr-segment: cancelled; nothing was written"]
+    assert not out.exists() and _no_temporary_files(tmp_path)
+
+
+def test_cancel_in_a_batch_names_the_scans_already_written(capsys, tmp_path, model_args, fake_segmenter):
+    scans, results = tmp_path / "scans", tmp_path / "results"
+    scans.mkdir()
+    results.mkdir()
+    for n, name in enumerate(("a", "b", "c")):
+        scan = grid_volume((6.0, 6.0, 6.0), np.eye(3), (0, 0, 0), shape=(8, 7, 6), seed=n)
+        write_nifti(scan, scans / f"{name}.nii.gz")
+    made = fake_segmenter(interrupt_on=3)
+    rc, out, err = run_main(capsys, ["-i", scans, "-o", results, "--preview", "x.png", "-q", *model_args])
+    assert rc == 130 and out == "" and made["segmenter"].calls == 3
+    done = [results / "a.seg.nrrd", results / "a.png", results / "b.seg.nrrd", results / "b.png"]
+    names = ", ".join(map(str, done))
+    assert err.splitlines() == [f"swinunetr-segment: cancelled; written before the cancel: {names}; "
+                                "nothing else was written"]
+    assert sorted(results.iterdir()) == sorted(done)
+    assert _no_temporary_files(results)
+
+
+def test_cancelled_message_names_at_most_ten_files():
+    from SwinUNETRSegmentLib.cli.app import cancelled_message
+
+    files = [Path(f"/out/{n}.seg.nrrd") for n in range(12)]
+    message = cancelled_message(files)
+    assert message.startswith("cancelled; written before the cancel: /out/0.seg.nrrd, ")
+    assert "/out/9.seg.nrrd and 2 more; nothing else was written" in message and "/out/10.seg.nrrd" not in message
+    assert cancelled_message([]) == "cancelled; nothing was written"
+    assert cancelled_message(None) == "cancelled"

@@ -1,4 +1,8 @@
-"""``swinunetr-segment models list | info NAME | download NAME | install NAME FILE | remove NAME | add CARD | import-bundle DIR``."""
+"""``swinunetr-segment models list | info NAME | download NAME | install NAME FILE | remove NAME | add CARD |
+import-bundle DIR``: the model catalog (:mod:`SwinUNETRSegmentLib.models.catalog`) from the shell.
+
+Each action writes all of its files or none (they go through ``fileio.atomic``).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,13 @@ from typing import Sequence
 
 from SwinUNETRSegmentLib.models import catalog
 
+__all__ = ["build_parser", "main"]
+
+_HEADERS = ("NAME", "MODALITY", "LABELS", "WEIGHTS")
+
 
 def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``models`` command's parser, one subcommand per action."""
     p = parser_class(prog="swinunetr-segment models", description="Model catalog: cards and verified weights.")
     sub = p.add_subparsers(dest="action", required=True, parser_class=parser_class)
     sub.add_parser("list", help="every model, and whether its weights are on this machine")
@@ -34,17 +43,21 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
 
 
 def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> int:
+    """Run one ``models`` action; returns the exit code (errors are raised as UserError)."""
     args = build_parser(parser_class).parse_args(list(argv))
     if args.action == "list":
         rows = []
         for name in catalog.model_names():
             card = catalog.card_of(name)
-            state = "bundled" if card.checkpoint.get("bundled") else ("installed" if catalog.is_installed(card) else "not installed")
+            if card.checkpoint.get("bundled"):
+                state = "bundled"
+            else:
+                state = "installed" if catalog.is_installed(card) else "not installed"
             rows.append((name, card.modality, str(len(card.labels)), state, card.title))
-        widths = [max(len(r[i]) for r in rows + [("NAME", "MODALITY", "LABELS", "WEIGHTS", "")]) for i in range(4)]
-        print("  ".join(h.ljust(w) for h, w in zip(("NAME", "MODALITY", "LABELS", "WEIGHTS"), widths)) + "  TITLE")
+        widths = [max(len(r[i]) for r in rows + [(*_HEADERS, "")]) for i in range(4)]
+        print("  ".join(h.ljust(w) for h, w in zip(_HEADERS, widths, strict=True)) + "  TITLE")
         for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+            print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
     elif args.action == "info":
         card = catalog.card_of(args.name)
         print(f"{card.name}: {card.title}")
@@ -62,10 +75,11 @@ def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> i
         ck = card.checkpoint
         if ck.get("url"):
             print(f"checkpoint: {ck['url']}")
-        for algo in ("sha256", "md5"):
+        for algo in catalog.CHECKSUMS:
             if ck.get(algo):
                 print(f"{algo}: {ck[algo]}")
-        print(f"weights: {catalog.installed_path(card)} ({'present' if catalog.is_installed(card) else 'not on this machine'})")
+        where = "present" if catalog.is_installed(card) else "not on this machine"
+        print(f"weights: {catalog.installed_path(card)} ({where})")
         if card.training.get("dice"):
             print("Dice: " + ", ".join(f"{k} {v:.3f}" for k, v in card.training["dice"].items()))
     elif args.action == "download":
