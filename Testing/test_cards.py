@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from SwinUNETRSegmentLib.models.cards import builtin_card_names, card_from_dict, load_card
 from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.models.cards import builtin_card_names, card_from_dict, load_card
 
 BTCV_ORGANS = [
     "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
@@ -25,7 +25,8 @@ def test_btcv_card_matches_the_model_zoo_bundle():
     assert card.orientation == "RAS"
     assert card.spacing == (1.5, 1.5, 2.0)
     assert card.interpolation == "bilinear"
-    assert (card.intensity["a_min"], card.intensity["a_max"], card.intensity["b_min"], card.intensity["b_max"]) == (-175, 250, 0, 1)
+    intensity = card.intensity
+    assert (intensity["a_min"], intensity["a_max"], intensity["b_min"], intensity["b_max"]) == (-175, 250, 0, 1)
     assert card.intensity["clip"] is True
     assert card.roi_size == (96, 96, 96) and card.overlap == 0.5
     assert [lab.name for lab in card.labels] == BTCV_ORGANS

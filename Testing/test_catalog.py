@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import json
+import os
+import re
+import stat
 import threading
 from pathlib import Path
 
 import pytest
 
-from SwinUNETRSegmentLib.models import catalog
-from SwinUNETRSegmentLib.models.cards import load_card
 from SwinUNETRSegmentLib.cli import main
 from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.models import catalog
+from SwinUNETRSegmentLib.models.cards import load_card
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB "checkpoint"
 
@@ -177,3 +181,79 @@ def test_research_contributions_cards_are_documented():
         assert card.network_args["feature_size"] == fs
         assert card.checkpoint["url"].startswith("https://github.com/Project-MONAI/MONAI-extra-test-data/")
         assert card.license and card.citation and len(card.labels) == 13
+
+
+# ---------------------------------------------------------------------------------------
+# the catalog's files get the umask's mode (not the 0600 of a temporary file)
+# ---------------------------------------------------------------------------------------
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002], ids=oct)
+def test_installed_downloaded_and_added_files_get_the_umask_s_mode(tmp_path, home, server, mask):
+    good = hashlib.sha256(PAYLOAD).hexdigest()
+    copied = tmp_path / "copied.pt"
+    copied.write_bytes(PAYLOAD)
+    old = os.umask(mask)
+    try:
+        add_test_card(tmp_path, f"{server}/good", sha256=good, name="fetched")
+        add_test_card(tmp_path, "http://unused.invalid/x", sha256=good, name="copied")
+        downloaded = catalog.download("fetched")
+        installed = catalog.install_file("copied", copied)
+    finally:
+        os.umask(old)
+    files = [downloaded, installed, catalog.user_cards_dir() / "fetched.json", catalog.user_cards_dir() / "copied.json"]
+    for p in files:
+        assert _mode(p) == 0o666 & ~mask, f"{p}: {oct(_mode(p))} under umask {oct(mask)}"
+    assert leftovers(home) == []
+
+
+# ---------------------------------------------------------------------------------------
+# a model's name becomes catalog paths: only usable names are taken
+# ---------------------------------------------------------------------------------------
+def _files_outside(root: Path, inside: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and inside not in p.parents]
+
+
+def test_models_add_refuses_a_card_named_to_escape_the_catalog(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "root"
+    home = root / "a" / "b" / "home"
+    monkeypatch.setenv("SWINUNETR_SEGMENT_HOME", str(home))
+    data = load_card("btcv").to_json()
+    data["name"] = "../../evil"
+    card = tmp_path / "evil.json"
+    card.write_text(json.dumps(data))
+    assert main(["models", "add", str(card)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'../../evil' is not a usable model name" in err and "Traceback" not in err
+    assert _files_outside(root, home) == [] and not home.exists()
+    with pytest.raises(UserError, match="not a usable model name"):
+        catalog.add_card(card)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "a..b", ".hidden", "", "x" * 65, "with space", "c:\\x"])
+def test_names_that_are_no_usable_model_name_are_refused_wherever_they_become_paths(tmp_path, home, name):
+    from SwinUNETRSegmentLib.models.cards import card_from_dict, is_model_name
+
+    assert not is_model_name(name)
+    data = load_card("btcv").to_json()
+    data["name"] = name
+    with pytest.raises(UserError, match="not a usable model name"):
+        card_from_dict(data)
+    with pytest.raises(UserError, match=f"unknown model '{re.escape(name)}'"):
+        catalog.card_of(name)
+    unchecked = dataclasses.replace(load_card("btcv"), name=name)  # a card built in code, not read
+    with pytest.raises(UserError, match="not a usable model name"):
+        catalog.installed_path(unchecked)
+
+
+def test_a_user_card_may_not_point_its_bundled_weights_outside_the_package(tmp_path, home):
+    data = load_card("btcv").to_json()
+    data["name"] = "sneaky"
+    data["checkpoint"] = {"bundled": "../../../../etc/passwd", "sha256": "0" * 64}
+    path = tmp_path / "sneaky.json"
+    path.write_text(json.dumps(data))
+    catalog.add_card(path)
+    with pytest.raises(UserError, match="'bundled' must be a file name"):
+        catalog.resolve_model("sneaky")

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import tiny_card
 
-from SwinUNETRSegmentLib.models.checkpoint import build_network, load_model, read_state_dict
 from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.models.checkpoint import load_model, read_state_dict
+from SwinUNETRSegmentLib.models.networks import build_network
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def test_missing_key_is_named(tmp_path, state):
     key = "out.conv.conv.weight"
     del sd[key]
     torch.save(sd, tmp_path / "w.pt")
-    with pytest.raises(UserError, match=rf"missing, e.g. '{key}'.*btcv-tiny-test|btcv-tiny-test.*missing, e.g. '{key}'"):
+    message = rf"missing, e.g. '{key}'.*btcv-tiny-test|btcv-tiny-test.*missing, e.g. '{key}'"
+    with pytest.raises(UserError, match=message):
         load_model(tiny_card(), tmp_path / "w.pt")
 
 

@@ -2,16 +2,16 @@
 on oblique, flipped, anisotropic and non-RAS grids."""
 
 from __future__ import annotations
-from SwinUNETRSegmentLib.fileio.read import _itk_image_to_volume, read_volume
-from SwinUNETRSegmentLib.fileio.write import write_segmentation
 
 import numpy as np
 import pytest
 from conftest import GRIDS, grid_volume, make_affine
 from helpers import physical_match, write_dicom_series, write_itk, write_nifti, write_nrrd_ras
 
-from SwinUNETRSegmentLib.models.cards import load_card
+from SwinUNETRSegmentLib.fileio.read import _itk_image_to_volume, read_volume
+from SwinUNETRSegmentLib.fileio.write import write_segmentation
 from SwinUNETRSegmentLib.geometry import Volume
+from SwinUNETRSegmentLib.models.cards import load_card
 
 ATOL = 1e-5
 GRID_IDS = [g[0] for g in GRIDS]
@@ -84,6 +84,7 @@ def test_same_physical_point_in_every_format(tmp_path):
 @pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
 def test_seg_nrrd_written_and_read_back_on_the_same_points(tmp_path, grid):
     import SimpleITK as sitk
+
     from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
 
     card = load_card("btcv")
@@ -115,6 +116,7 @@ def test_seg_nrrd_written_and_read_back_on_the_same_points(tmp_path, grid):
 def test_seg_nrrd_header_matches_what_slicer_writes(tmp_path):
     """Same fields as slicerio's data/Segmentation.seg.nrrd (written by Slicer)."""
     import nrrd
+
     from SwinUNETRSegmentLib.fileio import segnrrd as slicerio
 
     ref_path = slicerio.SAMPLE_DATA_DIR / "Segmentation.seg.nrrd"
@@ -132,7 +134,8 @@ def test_seg_nrrd_header_matches_what_slicer_writes(tmp_path):
         assert key in ref and key in ours, key
     tag = ours["Segment5_Tags"]
     assert ours["Segment5_Name"] == "liver"
-    assert "TerminologyEntry:Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~" in tag
+    assert ("TerminologyEntry:Segmentation category and type - 3D Slicer General Anatomy list"
+            "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~") in tag
     assert ours["Segment5_Extent"] == "2 3 2 4 3 5"
     right_kidney = slicerio.segment_from_name(slicerio.read_segmentation(str(out)), "right kidney")
     assert right_kidney["terminology"]["typeModifier"] == ["SCT", "24028007", "Right"]
