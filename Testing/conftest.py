@@ -48,7 +48,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """Seeded random weights for the tiny card (what matters here is geometry, not accuracy)."""
     import torch
 
-    from SwinUNETRSegmentLib.models.checkpoint import build_network
+    from SwinUNETRSegmentLib.models.networks import build_network
 
     torch.manual_seed(0)
     net = build_network(tiny_card())

@@ -396,7 +396,7 @@ def test_threads_from_physical_cores(monkeypatch):
 
 # ---- windows per call on the CPU ------------------------------------------------------------
 def test_cpu_windows_per_call():
-    from SwinUNETRSegmentLib.models.checkpoint import build_network
+    from SwinUNETRSegmentLib.models.networks import build_network
 
     swin = build_network(tiny_card())
     assert cpu_windows_per_call(swin, None, 4) == 2

@@ -142,7 +142,7 @@ def random_checkpoint(feature_size: int, cache: Path | None = None, seed: int = 
     import torch
 
     from SwinUNETRSegmentLib.models.cards import load_card
-    from SwinUNETRSegmentLib.models.checkpoint import build_network
+    from SwinUNETRSegmentLib.models.networks import build_network
 
     cache = Path(cache or cache_dir())
     cache.mkdir(parents=True, exist_ok=True)

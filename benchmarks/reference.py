@@ -85,7 +85,8 @@ def run_reference(path: str, card, checkpoint: str, device: str = "cpu") -> tupl
     from monai.data import decollate_batch, list_data_collate
     from monai.inferers import SlidingWindowInferer
 
-    from SwinUNETRSegmentLib.models.checkpoint import build_network, read_state_dict
+    from SwinUNETRSegmentLib.models.checkpoint import read_state_dict
+    from SwinUNETRSegmentLib.models.networks import build_network
 
     dev = torch.device(device)
     timings: dict[str, float] = {}

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from SwinUNETRSegmentLib.errors import UserError
-from SwinUNETRSegmentLib.geometry import Volume
+from SwinUNETRSegmentLib.geometry import Volume, check_volume
 
 __all__ = ["NIFTI_SUFFIXES", "ITK_SUFFIXES", "ScanInfo", "has_suffix", "read_volume", "check_volume",
            "native_stderr_held"]
@@ -125,26 +125,6 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> tuple[Volume
 def _shape_error(source: str, shape: Sequence[int], what: str) -> UserError:
     dims = " x ".join(str(s) for s in shape)
     return UserError(f"{source} is {what} ({dims}); give a single 3D scalar scan")
-
-
-def check_volume(vol: Volume, source: str) -> None:
-    """Reject images the model cannot segment, with a message that says why."""
-    shape = vol.shape
-    if int(np.prod(shape)) == 0:
-        raise UserError(f"{source} is empty (size {' x '.join(map(str, shape))}); give a scan with voxels in it")
-    if all(s == 1 for s in shape):
-        raise UserError(f"{source} has a single voxel; give a 3D scan")
-    if any(s == 1 for s in shape):
-        raise _shape_error(source, shape, "a 2D image (one slice)")
-    if vol.array.dtype.kind not in "biuf":
-        raise UserError(f"{source} has voxels of type {vol.array.dtype}; give a scan with real-valued voxels")
-    if vol.array.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(vol.array)))
-        if bad:
-            raise UserError(f"{source} has {bad} NaN or Inf voxels; "
-                            "fill them (e.g. with the background value) and try again")
-    if not np.all(np.isfinite(vol.ijk_to_ras)) or abs(np.linalg.det(vol.ijk_to_ras[:3, :3])) < 1e-12:
-        raise UserError(f"{source} has no valid voxel-to-world matrix (zero or undefined spacing); fix its header")
 
 
 def _read_nifti(p: Path) -> tuple[Volume, ScanInfo]:

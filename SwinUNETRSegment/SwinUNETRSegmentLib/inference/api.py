@@ -10,8 +10,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, runtime_checkable
 
-import numpy as np
-
 from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.models.cards import ModelCard
 from SwinUNETRSegmentLib.progress import ProgressCallback
@@ -40,8 +38,10 @@ class SegmentationResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def present_labels(self) -> list[int]:
-        values = np.unique(self.labels.array)
-        return [int(v) for v in values if v != 0]
+        """The nonzero label values found, ascending (counted, not sorted: no copy)."""
+        from SwinUNETRSegmentLib.models.segment_table import present_values
+
+        return present_values(self.labels.array)
 
 
 @runtime_checkable
