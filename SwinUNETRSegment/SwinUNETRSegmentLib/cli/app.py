@@ -68,12 +68,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if argv and argv[0] == "train":
             written = None
-            from SwinUNETRSegmentLib.training.supervised import main as train_main
+            from SwinUNETRSegmentLib.cli.train import main as train_main
 
             return train_main([a for a in argv[1:] if a != "--debug"], Parser)
         if argv and argv[0] == "pretrain":
             written = None
-            from SwinUNETRSegmentLib.training.ssl.pretrain import main as pretrain_main
+            from SwinUNETRSegmentLib.cli.pretrain import main as pretrain_main
 
             return pretrain_main([a for a in argv[1:] if a != "--debug"], Parser)
         if argv and argv[0] == "demo":
