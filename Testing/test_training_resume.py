@@ -202,3 +202,27 @@ def test_checkpoint_of_an_older_version_resumes_without_comparison(data, one_epo
     torch.save(ckpt, out / "last.pt")
     assert train_main(argv(data, out, 1, "--lr", "1e-3")) == 0
     assert "records no settings" in capsys.readouterr().out
+
+
+def test_a_run_records_its_card_and_becomes_a_builtin_model(data, one_epoch, tmp_path, monkeypatch):
+    """card.json names the data by checksum and the run's Dice; publish_builtin copies best.pt
+    into the package's weights and writes a card that names its SHA256."""
+    from SwinUNETRSegmentLib.fileio.atomic import file_digest
+    from SwinUNETRSegmentLib.models import cards, catalog
+
+    trained = json.loads((one_epoch / "card.json").read_text())
+    assert trained["checkpoint"]["sha256"] == file_digest(one_epoch / "best.pt")
+    t = trained["training"]
+    assert t["command"].startswith("swinunetr-segment train --data ") and t["seed"] == 0 and t["epoch"] == 1
+    assert [d["image_sha256"] for d in t["data"]] == [file_digest(data / f"ct{n}.nii.gz") for n in range(2)]
+    assert set(t["dice"]) <= {"spleen", "right kidney", "left kidney"} and 0 <= t["mean_dice"] <= 1
+
+    monkeypatch.setattr(cards, "BUILTIN_CARD_DIR", tmp_path / "cards")
+    monkeypatch.setattr(catalog, "BUNDLED_WEIGHTS_DIR", tmp_path / "weights")
+    (tmp_path / "cards").mkdir()
+    card, weights = supervised.publish_builtin(one_epoch, "tiny")
+    assert card == tmp_path / "cards" / "tiny.json" and weights == tmp_path / "weights" / "tiny.pt"
+    assert weights.read_bytes() == (one_epoch / "best.pt").read_bytes()
+    published = json.loads(card.read_text())
+    assert published["name"] == "tiny" and published["checkpoint"] == {"bundled": "tiny.pt",
+                                                                       "sha256": file_digest(weights)}

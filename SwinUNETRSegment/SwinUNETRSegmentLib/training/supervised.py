@@ -129,10 +129,13 @@ def _resolved(path: Optional[str]) -> Optional[str]:
 def run_settings(args: argparse.Namespace, card: ModelCard, crop: Sequence[int], train_items: list[dict],
                  val_items: list[dict], label_map: Optional[dict[int, int]]) -> dict[str, Any]:
     """The settings that make the run what it is, as ``last.pt`` records them: a resumed run
-    must have the same (the card and the data by content or resolved path)."""
+    must have the same (the card by content, files by resolved path)."""
+    def resolved(items: list[dict]) -> list[dict]:
+        return [{k: _resolved(v) for k, v in item.items()} for item in items]
+
     return {
         "card": content_digest(card.to_json()),
-        "data": {"training": train_items, "validation": val_items},
+        "data": {"training": resolved(train_items), "validation": resolved(val_items)},
         "label_map": sorted(label_map.items()) if label_map is not None else None,
         "init": _resolved(args.init),
         "init_encoder": _resolved(getattr(args, "init_encoder", None)),

@@ -120,10 +120,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run_settings(args: argparse.Namespace, card: ModelCard, images: list[str]) -> dict[str, Any]:
     """The settings that make the run what it is, as ``last.pt`` records them: a resumed run
-    must have the same (the card by content)."""
+    must have the same (the card by content, the scans by resolved path)."""
     keys = ("crop", "batch_size", "steps_per_epoch", "lr", "weight_decay", "warmup_steps", "schedule",
             "max_grad_norm", "loss_weights", "temperature", "recon_region", "seed")
-    return {"card": content_digest(card.to_json()), "data": list(images), **{k: getattr(args, k) for k in keys}}
+    return {"card": content_digest(card.to_json()), "data": [str(Path(i).resolve()) for i in images],
+            **{k: getattr(args, k) for k in keys}}
 
 
 def _resume(last: Path, model, opt, settings, log) -> dict[str, Any] | None:
