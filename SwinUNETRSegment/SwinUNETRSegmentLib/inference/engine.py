@@ -11,7 +11,8 @@ The data path, one module per step (all MONAI where MONAI has the piece):
    the device calls for, with a ladder of fallbacks when a GPU runs out of memory;
 4. MONAI's ``SlidingWindowInfererAdapt`` runs the windows (stitching on the GPU, or on the
    CPU when the GPU is full), reporting progress and honouring cancel per window;
-5. :mod:`.resample`: back onto the input's voxels, the step-by-step inverse of 1.
+5. :mod:`.resample`: back onto the input's voxels, the step-by-step inverse of 1;
+6. :mod:`.postprocess`: the connected-component clean-up the card declares.
 
 The network is built and its weights loaded once per :class:`Segmenter` and reused for
 every call of :meth:`Segmenter.segment`; so are the network's answer for an all-air window
@@ -30,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+import numpy as np
 
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
 from SwinUNETRSegmentLib.geometry import Volume, check_volume
@@ -53,6 +56,7 @@ from SwinUNETRSegmentLib.inference.network import (
     network_dtype,
 )
 from SwinUNETRSegmentLib.inference.options import FastPath
+from SwinUNETRSegmentLib.inference.postprocess import PostProcessing, clean_labels
 from SwinUNETRSegmentLib.inference.preprocess import to_model_space
 from SwinUNETRSegmentLib.inference.resample import to_input_grid
 from SwinUNETRSegmentLib.inference.windows import Prepared, WindowPredictor, count_windows, prepare, volume_key
@@ -119,6 +123,7 @@ class Segmenter:
         if self.sw_batch_size < 1:
             raise UserError(f"sw-batch-size must be at least 1, got {sw_batch_size}")
         self.fast = FastPath() if fast is None else fast
+        self.postprocessing = PostProcessing.from_card(card)
         self._network = network
         self._owns_network = False
         self._dtype = None  # the network's weights' dtype once loaded
@@ -305,6 +310,11 @@ class Segmenter:
             )
         del logits
         timings["resample"] = time.perf_counter() - t
+        if self.postprocessing.active:
+            t = time.perf_counter()
+            voxel_mm3 = float(abs(np.linalg.det(volume.ijk_to_ras[:3, :3])))
+            stats.update(clean_labels(labels, voxel_mm3, self.postprocessing, check_cancel))
+            timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return SegmentationResult(Volume(labels, volume.ijk_to_ras.copy()), self.card, str(self.device), timings, stats)
 

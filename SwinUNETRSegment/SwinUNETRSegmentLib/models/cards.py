@@ -157,6 +157,8 @@ class ModelCard:
     citation: str = ""
     source: str = ""  # where the card was read from
     training: dict[str, Any] = field(default_factory=dict)  # how the weights were made, and their scores
+    # connected-component clean-up after the way back (inference/postprocess.py checks it)
+    postprocessing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -204,6 +206,7 @@ class ModelCard:
                 "blend_mode": self.blend_mode,
             },
             "labels": labels,
+            **({"postprocessing": dict(self.postprocessing)} if self.postprocessing else {}),
             "checkpoint": dict(self.checkpoint),
             "license": self.license,
             "citation": self.citation,
@@ -368,6 +371,7 @@ def card_from_dict(data: Any, source: str = "<dict>") -> ModelCard:
         citation=_get(data, "citation", where, str, ""),
         source=source,
         training=dict(_get(data, "training", where, dict, {})),
+        postprocessing=dict(_get(data, "postprocessing", where, dict, {})),
     )
 
 
