@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.fileio.dicom import check_series, read_headers
 from SwinUNETRSegmentLib.geometry import Volume, check_volume
 
 __all__ = ["NIFTI_SUFFIXES", "ITK_SUFFIXES", "ScanInfo", "has_suffix", "read_volume", "check_volume",
@@ -39,6 +40,8 @@ class ScanInfo:
     modality: str = ""
     description: str = ""
     extra: dict = field(default_factory=dict)
+    #: a DICOM series' headers (pydicom datasets, no pixel data) in slice order: what a DICOM SEG references
+    dicom: list = field(default_factory=list, repr=False)
 
 
 def _lower_name(path: Path | str) -> str:
@@ -226,6 +229,9 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[Volume, Sc
     else:
         where, uid = series[0]
     files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(where), uid))
+    series = check_series(read_headers(files), str(where))  # geometry checks; localizers left out
+    if series.files and all(series.files):
+        files = series.files
     r = sitk.ImageSeriesReader()
     r.SetFileNames(files)
     try:
@@ -238,7 +244,8 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[Volume, Sc
     modality, description = _dicom_tags(files[0], ("0008|0060", "0008|103e"))
     vol = _itk_image_to_volume(image, str(where))
     return vol, ScanInfo(source=str(where), modality=modality, description=description,
-                         extra={"series_uid": uid, "files": len(files)})
+                         extra={"series_uid": uid, "files": len(files), "dropped": series.dropped},
+                         dicom=series.datasets)
 
 
 def _dicom_tags(filename: str, tags: Sequence[str]) -> list[str]:
