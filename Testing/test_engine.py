@@ -229,6 +229,7 @@ def test_bad_overlap_and_batch():
         Segmenter(oracle_card(), network=ThresholdNet(), sw_batch_size=0)
 
 
+@pytest.mark.slow
 def test_real_swinunetr_keeps_the_grid(tiny_checkpoint):
     """The real network (feature_size 12) on an oblique, anisotropic grid: the input's grid
     exactly, and in float32 the labels of the plain path (MONAI's attention, every window)

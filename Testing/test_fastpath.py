@@ -340,6 +340,7 @@ def test_bfloat16_labels_within_tolerance_of_float32(tiny_checkpoint):
     assert (f32.labels.array == bf16.labels.array).mean() >= 0.98
 
 
+@pytest.mark.slow
 def test_bfloat16_weights_and_autocast_agree_and_a_callers_network_is_left_alone(tiny_checkpoint):
     """With bfloat16 the SwinUNETR runs with bfloat16 weights (no autocast) on CPUs that
     have it: labels within 2 % of float32 like autocast, and a network the caller handed in

@@ -76,6 +76,7 @@ def test_only_channel_products_are_switched_and_autograd_falls_back():
     assert layer.weight.grad is not None
 
 
+@pytest.mark.slow
 def test_engine_labels_unchanged_by_the_channel_products(tiny_checkpoint):
     """The real network through the engine (float32): the same labels with the switch on
     and off; the stats say how many layers it switched (a SwinUNETR has 12)."""

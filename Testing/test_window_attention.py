@@ -30,7 +30,9 @@ def window(batch: int, size: int = 64, dtype=torch.float32):
     return torch.rand((batch, 1, size, size, size), generator=torch.Generator().manual_seed(batch)).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)], ids=["float32", "bfloat16"]
+)
 def test_cached_attention_gives_monais_output_bit_for_bit(dtype):
     """64^3 windows (stage 1: 64 shifted windows of 343 tokens), 1 and 3 per call (the
     shift mask broadcast over the call's windows), in the dtypes the engine runs in: exactly
@@ -69,6 +71,7 @@ def test_nothing_is_left_behind_and_runs_nest():
             assert not {"forward", "_swinunetr_segment_biases", "_swinunetr_segment_masks"} & set(m.__dict__)
 
 
+@pytest.mark.slow
 def test_plain_attention_and_training_are_untouched():
     """Without fused attention nothing is switched; with autograd on, MONAI's own forward
     runs (same output, gradients flow)."""

@@ -65,9 +65,6 @@ from SwinUNETRSegmentLib.progress import ProgressCallback, ProgressTracker
 
 __all__ = ["Segmenter", "SegmentationResult"]
 
-# TEMPORARY re-exports while the redesign lands (their homes: devices, resample, windows)
-from SwinUNETRSegmentLib.inference.devices import available_devices  # noqa: E402,F401
-from SwinUNETRSegmentLib.inference.resample import resample_labels  # noqa: E402,F401
 
 log = logging.getLogger(__name__)
 
