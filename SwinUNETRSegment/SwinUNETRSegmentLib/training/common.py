@@ -117,7 +117,8 @@ class Distributed:
         import torch
         import torch.distributed as dist
 
-        box = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        where = self.device if self.device.type == "cuda" else "cpu"  # nccl needs CUDA tensors, gloo CPU ones
+        box = torch.tensor([1 if flag else 0], dtype=torch.int32, device=where)
         dist.all_reduce(box, op=dist.ReduceOp.MIN)
         return bool(box.item())
 
