@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from SwinUNETRSegmentLib.cli.app import PROG
+from SwinUNETRSegmentLib.cli.dicom import (
+    BATCH_SUFFIXES,
+    OUTPUT_TYPES,
+    check_dicom_seg_input,
+    output_suffixes,
+    write_output,
+)
 from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.fileio.dicomseg import SEGMENTATION_TYPES
 from SwinUNETRSegmentLib.fileio.read import ITK_SUFFIXES, NIFTI_SUFFIXES, has_suffix, read_volume
 from SwinUNETRSegmentLib.fileio.write import (
     LABELMAP_SUFFIXES,
@@ -23,7 +31,6 @@ from SwinUNETRSegmentLib.fileio.write import (
     SEG_SUFFIXES,
     check_output_path,
     label_table_path,
-    write_segmentation,
 )
 
 __all__ = ["build_parser", "run", "run_batch", "is_batch", "scan_entries", "progress_printer"]
@@ -37,15 +44,16 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
     p = parser_class(
         prog=PROG,
         description="Segment a CT with a SwinUNETR model (MONAI) and write a segmentation that opens in 3D Slicer.",
-        epilog="Outputs: .seg.nrrd (Slicer segmentation with names, colours, SNOMED terminology) or "
-        ".nii/.nii.gz (label map, with a Slicer colour-table .csv beside it). Give -o more than once for several.",
+        epilog="Outputs: .seg.nrrd (Slicer segmentation with names, colours, SNOMED terminology), "
+        ".nii/.nii.gz (label map, with a Slicer colour-table .csv beside it) or .dcm (DICOM SEG of a DICOM input). "
+        "Give -o more than once for several.",
     )
-    p.add_argument("-i", "--input", required=True, metavar="IN",
+    p.add_argument("-i", "--input", metavar="IN",
                    help="NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) file, "
-                   "or a folder with one DICOM series; or a folder of scans when OUT is a folder")
-    p.add_argument("-o", "--output", required=True, action="append", metavar="OUT",
-                   help="output file: .seg.nrrd, .nii or .nii.gz (repeatable); or an existing folder for a folder "
-                   "of scans (split across processes under torchrun)")
+                   "or a folder with one DICOM series; or a folder of scans when OUT is a folder (or use --pacs)")
+    p.add_argument("-o", "--output", action="append", metavar="OUT",
+                   help="output file: .seg.nrrd, .nii, .nii.gz or .dcm (DICOM SEG) (repeatable); or an existing folder "
+                   "for a folder of scans (split across processes under torchrun)")
     p.add_argument("--model", metavar="NAME", help="catalog model (card and installed weights)")
     p.add_argument("--card", metavar="NAME_OR_JSON", help="model card: a built-in name or a card JSON file")
     p.add_argument("--checkpoint", metavar="PATH",
@@ -60,7 +68,20 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
     p.add_argument("--preview", metavar="PNG",
                    help="also write a PNG: three orthogonal slices with the segments overlaid")
     p.add_argument("--series", metavar="UID",
-                   help="SeriesInstanceUID to read when the DICOM folder holds several series")
+                   help="SeriesInstanceUID to read when the DICOM folder holds several series; with --pacs, the series")
+    d = p.add_argument_group("DICOM SEG and DICOMweb")
+    d.add_argument("--output-type", choices=OUTPUT_TYPES,
+                   help="format of a folder's outputs (default: seg-nrrd); dicom-seg makes any -o name a DICOM SEG")
+    d.add_argument("--dicom-seg-type", choices=SEGMENTATION_TYPES, default="binary",
+                   help="DICOM SEG encoding: binary (a frame per segment and slice) or labelmap (default: binary)")
+    d.add_argument("--pacs", metavar="URL", help="DICOMweb root of a server to read the series from, instead of -i")
+    d.add_argument("--study", metavar="UID", help="with --pacs: the StudyInstanceUID (alone: its every CT series)")
+    d.add_argument("--query", metavar="KEY=VALUE", action="append",
+                   help="with --pacs: segment every CT series this QIDO-RS filter matches (repeatable)")
+    d.add_argument("--pacs-auth", metavar="FILE",
+                   help="file holding 'Bearer TOKEN' or 'USER:PASSWORD' (else $SWINUNETR_DICOMWEB_TOKEN, "
+                   "or $SWINUNETR_DICOMWEB_USER and $SWINUNETR_DICOMWEB_PASSWORD)")
+    d.add_argument("--store", action="store_true", help="with --pacs: send each DICOM SEG back with STOW-RS")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -140,12 +161,19 @@ def run(args: argparse.Namespace, cancel: Optional[threading.Event] = None,
     caller can say what was written when the run is cancelled (Ctrl-C) part way.
     """
     written = [] if written is None else written
+    if getattr(args, "pacs", None):
+        from SwinUNETRSegmentLib.cli.dicom import run_pacs
+
+        return run_pacs(args, cancel, written)
+    if not args.input or not args.output:
+        raise UserError("give -i IN and -o OUT (or --pacs URL for a series on a DICOMweb server)")
     if is_batch(args):
         return run_batch(args, cancel, written)
     # 1. Everything that can be checked before reading the scan.
-    outputs = [check_output_path(o, args.overwrite, OUTPUT_SUFFIXES) for o in args.output]
+    outputs = [check_output_path(o, args.overwrite, output_suffixes(args)) for o in args.output]
+    check_dicom_seg_input(args, outputs)
     for o in outputs:
-        if has_suffix(o, LABELMAP_SUFFIXES):
+        if has_suffix(o, LABELMAP_SUFFIXES) and getattr(args, "output_type", None) != "dicom-seg":
             check_output_path(label_table_path(o), args.overwrite)
     if len({str(o.resolve()) for o in outputs}) != len(outputs):
         raise UserError("the same output is given twice; give each -o a different file")
@@ -175,7 +203,7 @@ def _segment_one(args, segmenter, volume, info, outputs, preview, cancel, writte
     finally:
         close()
     for o in outputs:
-        written += write_segmentation(o, result.labels, card.labels)
+        written += write_output(args, o, result, info, segmenter)
     if preview is not None:
         from SwinUNETRSegmentLib.fileio.preview import write_preview
 
@@ -230,7 +258,7 @@ def run_batch(args: argparse.Namespace, cancel: Optional[threading.Event] = None
     for case in mine:
         name = _case_name(case)
         try:
-            out = check_output_path(dst / f"{name}.seg.nrrd", args.overwrite)
+            out = check_output_path(dst / f"{name}{BATCH_SUFFIXES[args.output_type or 'seg-nrrd']}", args.overwrite)
             preview = check_output_path(dst / f"{name}.png", args.overwrite) if args.preview else None
             volume, info = read_volume(case)
             _warn_modality(args, info, card)
