@@ -258,7 +258,7 @@ def load_last(path: Path) -> Optional[dict]:
     return ckpt
 
 
-def _shown(key: str, value: Any) -> str:
+def _shown(value: Any) -> str:
     if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
         return " ".join(str(v) for v in value)
     return "none" if value is None else str(value)
@@ -289,7 +289,7 @@ def check_settings(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any
         if key in content_keys:
             what = f"another {option} (its content differs)"
         else:
-            what = f"{option} {_shown(key, saved.get(key))}, not {_shown(key, current.get(key))}"
+            what = f"{option} {_shown(saved.get(key))}, not {_shown(current.get(key))}"
         raise UserError(f"{path} was made with {what}; a rerun resumes a run only with its own settings "
                         f"(--epochs, --max-minutes and --val-every may change): repeat them, or give another --out "
                         "to start a new run")

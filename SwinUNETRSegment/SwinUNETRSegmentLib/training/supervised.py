@@ -44,6 +44,7 @@ from SwinUNETRSegmentLib.training.common import (
     command_line,
     content_digest,
     epoch_learning_rate,
+    epoch_seed,
     load_datalist,
     load_last,
     quiet,
@@ -176,6 +177,7 @@ def train(args: argparse.Namespace, log: Callable[[str], Any] = print) -> dict[s
         raise UserError(f"--crop {' '.join(map(str, crop))}: each size must be a multiple of 32 and at least 64 "
                         "(SwinUNETR's deepest features need 2 voxels per axis to train)")
     check_augmentation(args)
+    epoch_seed(args.seed, 1)  # a seed that cannot seed is refused before any work
     settings = run_settings(args, card, crop, train_items, val_items, label_map)
     val_items = val_items or train_items
     ddp = Distributed(args.device)

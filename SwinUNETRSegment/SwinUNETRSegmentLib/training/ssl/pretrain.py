@@ -44,6 +44,7 @@ from SwinUNETRSegmentLib.training.common import (
     check_settings,
     command_line,
     content_digest,
+    epoch_seed,
     load_last,
     quiet,
     save_epoch,
@@ -116,6 +117,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--temperature must be positive")
     if args.epochs < 1 or args.steps_per_epoch < 0 or args.lr <= 0:
         raise UserError("--epochs must be at least 1, --steps-per-epoch at least 0 and --lr positive")
+    epoch_seed(args.seed, 1)  # a seed that cannot seed
 
 
 def run_settings(args: argparse.Namespace, card: ModelCard, images: list[str]) -> dict[str, Any]:
