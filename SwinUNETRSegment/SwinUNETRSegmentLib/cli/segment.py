@@ -19,6 +19,7 @@ from SwinUNETRSegmentLib.cli.dicom import (
     BATCH_SUFFIXES,
     OUTPUT_TYPES,
     check_dicom_seg_input,
+    dicom_seg_output,
     output_suffixes,
     write_output,
 )
@@ -31,6 +32,7 @@ from SwinUNETRSegmentLib.fileio.write import (
     SEG_SUFFIXES,
     check_output_path,
     label_table_path,
+    write_segmentation,
 )
 
 __all__ = ["build_parser", "run", "run_batch", "is_batch", "scan_entries", "progress_printer"]
@@ -165,8 +167,10 @@ def run(args: argparse.Namespace, cancel: Optional[threading.Event] = None,
         from SwinUNETRSegmentLib.cli.dicom import run_pacs
 
         return run_pacs(args, cancel, written)
-    if not args.input or not args.output:
-        raise UserError("give -i IN and -o OUT (or --pacs URL for a series on a DICOMweb server)")
+    missing = [name for name, value in (("-i/--input", args.input), ("-o/--output", args.output)) if not value]
+    if missing:
+        raise UserError(f"the following arguments are required: {', '.join(missing)} "
+                        "(or --pacs URL for a series on a DICOMweb server); see --help")
     if is_batch(args):
         return run_batch(args, cancel, written)
     # 1. Everything that can be checked before reading the scan.
@@ -203,7 +207,10 @@ def _segment_one(args, segmenter, volume, info, outputs, preview, cancel, writte
     finally:
         close()
     for o in outputs:
-        written += write_output(args, o, result, info, segmenter)
+        if dicom_seg_output(args, o):
+            written += write_output(args, o, result, info, segmenter)
+        else:
+            written += write_segmentation(o, result.labels, card.labels)
     if preview is not None:
         from SwinUNETRSegmentLib.fileio.preview import write_preview
 
