@@ -76,8 +76,10 @@ def _sha(path: Path) -> str:
 @pytest.mark.network
 def test_example_ct_outputs_are_byte_for_byte_those_before_the_redesign(tmp_path, reference_files):
     """The redesign moved code, not answers: on the example CT the command line writes the
-    same .seg.nrrd (up to the date in its header), NIfTI, colour table and PNG as the engine
-    before it, on this machine."""
+    same .seg.nrrd (up to the date in its header), NIfTI and colour table as the engine
+    before it, on this machine. (The PNG preview is not compared: since issue 17 it draws
+    segments whose card colours are too close to tell apart in other colours, on purpose;
+    Testing/test_io_preview.py holds its reference.)"""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs git and the repository's history")
     old = tmp_path / "code-before"
@@ -110,4 +112,5 @@ def test_example_ct_outputs_are_byte_for_byte_those_before_the_redesign(tmp_path
         assert run.returncode == 0, run.stderr
         outputs[tag] = {p.name: _sha(p) for p in sorted(folder.iterdir())}
     assert set(outputs["now"]) == {"ct.seg.nrrd", "ct.nii.gz", "ct.csv", "ct.png"}
-    assert outputs["now"] == outputs["before"]
+    for name in ("ct.seg.nrrd", "ct.nii.gz", "ct.csv"):
+        assert outputs["now"][name] == outputs["before"][name], name

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from conftest import make_affine, rotation, tiny_card
 
-from SwinUNETRSegmentLib.fileio.preview import render_preview, write_preview
+from SwinUNETRSegmentLib.fileio.preview import MIN_COLOR_DISTANCE, _lab, display_colors, render_preview, write_preview
 from SwinUNETRSegmentLib.geometry import Volume
 
 
 # ---------------------------------------------------------------------------------------
 # The preview as it was made before it worked on the uint8 labels (an int64 copy of the
-# label volume and one mask per label); kept here verbatim as the reference for the bytes.
+# label volume and one mask per label); kept here as the reference for the bytes, with
+# the one change made since: segments too close in colour are drawn in display_colors'.
 # ---------------------------------------------------------------------------------------
 def _reference_to_ras_axes(vol):
     import nibabel.orientations as nio
@@ -57,10 +58,12 @@ def _reference_render(image, labels, table, modality="CT", height=320):
     img, spacing = _reference_to_ras_axes(image)
     lab, _ = _reference_to_ras_axes(labels)
     lab = lab.astype(np.int64)
+    fg = lab > 0
+    present = [t for t in table if np.any(lab == t.value)] if fg.any() else []
+    shown = display_colors(present, [int(np.count_nonzero(lab == t.value)) for t in present])
     colors = np.zeros((max([t.value for t in table] + [int(lab.max())]) + 1, 3), dtype=np.float32)
     for t in table:
-        colors[t.value] = t.color
-    fg = lab > 0
+        colors[t.value] = shown.get(t.value, t.color)
     idx = []
     for axis in range(3):
         counts = fg.sum(axis=tuple(a for a in range(3) if a != axis))
@@ -77,7 +80,6 @@ def _reference_render(image, labels, table, modality="CT", height=320):
         p = _reference_panel(_reference_window(g, modality), l_, colors, aspect)
         w = max(1, int(round(p.width * height / p.height)))
         panels.append(p.resize((w, height), Image.NEAREST))
-    present = [t for t in table if np.any(lab == t.value)] if fg.any() else []
     legend_h = 16 * ((len(present) + 2) // 3) + 8 if present else 24
     width = sum(p.width for p in panels) + 4 * (len(panels) + 1)
     out = Image.new("RGB", (width, height + 8 + legend_h), (0, 0, 0))
@@ -91,7 +93,7 @@ def _reference_render(image, labels, table, modality="CT", height=320):
     col_w = max(1, width // 3)
     for n, t in enumerate(present):
         cx, cy = 6 + (n % 3) * col_w, height + 10 + 16 * (n // 3)
-        draw.rectangle([cx, cy + 2, cx + 10, cy + 12], fill=tuple(int(c) for c in t.color))
+        draw.rectangle([cx, cy + 2, cx + 10, cy + 12], fill=shown[t.value])
         draw.text((cx + 14, cy), t.name, fill=(255, 255, 255))
     return out
 
@@ -158,3 +160,35 @@ def test_preview_allocates_far_less_than_an_int64_copy_of_the_labels():
         tracemalloc.stop()
     int64_copy = lab.size * 8
     assert peak < int64_copy / 10, f"peak {peak / 1e6:.1f} MB, an int64 copy is {int64_copy / 1e6:.0f} MB"
+
+
+def test_segments_too_close_in_colour_are_drawn_apart_and_the_legend_follows():
+    """Liver and stomach, and both kidneys, have nearly the same colour in Slicer's anatomy
+    list: the larger keeps its colour, the smaller gets a distinguishable one, the legend's
+    swatch is the colour drawn; distinct colours are left alone."""
+    from SwinUNETRSegmentLib.models.cards import load_card
+
+    card = load_card("demo")
+    by_name = {t.name: t for t in card.labels}
+    names = ["liver", "stomach", "right kidney", "left kidney", "spleen", "inferior vena cava"]
+    table = [by_name[n] for n in names]
+    sizes = [1000, 300, 200, 190, 400, 50]
+    shown = display_colors(table, sizes)
+    assert shown[by_name["liver"].value] == by_name["liver"].color
+    assert shown[by_name["spleen"].value] == by_name["spleen"].color
+    assert shown[by_name["inferior vena cava"].value] == by_name["inferior vena cava"].color
+    assert shown[by_name["stomach"].value] != by_name["stomach"].color
+    assert shown[by_name["left kidney"].value] != shown[by_name["right kidney"].value]
+    colours = list(shown.values())
+    lab = _lab(colours)
+    gaps = [np.linalg.norm(lab[i] - lab[j]) for i in range(len(lab)) for j in range(i)]
+    assert min(gaps) >= MIN_COLOR_DISTANCE
+    # the legend: the swatch of each segment is the colour it is drawn in
+    image = Volume(np.zeros((30, 30, 12), np.int16), make_affine((1.0, 1.0, 3.0)))
+    labels = np.zeros((30, 30, 12), np.uint8)
+    labels[2:20, 2:28, 2:10] = by_name["liver"].value
+    labels[22:28, 2:10, 2:10] = by_name["stomach"].value
+    picture = np.asarray(render_preview(image, image.with_array(labels), card.labels))
+    legend = picture[320 + 8:]
+    stomach_colour = display_colors([by_name["liver"], by_name["stomach"]], [100, 10])[by_name["stomach"].value]
+    assert (legend == np.array(stomach_colour, np.uint8)).all(axis=-1).any()
