@@ -6,13 +6,16 @@
     swinunetr-segment models list | info NAME | download NAME | install NAME FILE | remove NAME | add CARD
     swinunetr-segment train --data datalist.json --card btcv --out run/ [--init-encoder encoder.pt]
     swinunetr-segment pretrain --data scans/ --card btcv --out pretrain/
+    swinunetr-segment serve [--host H --port N --token-file F --tls-cert C --tls-key K]
+    swinunetr-segment -i ct.nii.gz -o ct.seg.nrrd --server https://host:8443 --token-file token
 
 Exit codes: 0 done; 2 bad input (one line on stderr says what to do); 130 interrupted
 (one line says which files had already been written); 1 an internal error (a bug: run
 with --debug for the traceback and report it).
 
 This module is the dispatcher: :func:`main` picks the command (one module per command:
-:mod:`.segment`, the default; :mod:`.models`; :mod:`.demo`; :mod:`.train`; :mod:`.pretrain`)
+:mod:`.segment`, the default; :mod:`.models`; :mod:`.demo`; :mod:`.train`; :mod:`.pretrain`;
+:mod:`.serve`)
 and turns every way a command can end into its message and exit code.
 """
 
@@ -80,6 +83,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from SwinUNETRSegmentLib.cli.demo import main as demo_main
 
             return demo_main([a for a in argv[1:] if a != "--debug"], written)
+        if argv and argv[0] == "serve":
+            written = None
+            from SwinUNETRSegmentLib.cli.serve import main as serve_main
+
+            return serve_main([a for a in argv[1:] if a != "--debug"], Parser)
         if argv and argv[0] == "models":
             from SwinUNETRSegmentLib.cli.models import main as models_main
 

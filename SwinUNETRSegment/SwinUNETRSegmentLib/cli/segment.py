@@ -85,6 +85,11 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
                    "or $SWINUNETR_DICOMWEB_USER and $SWINUNETR_DICOMWEB_PASSWORD)")
     d.add_argument("--store", action="store_true", help="with --pacs: send each DICOM SEG back with STOW-RS")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    p.add_argument("--server", metavar="URL",
+                   help="run on an engine service (swinunetr-segment serve), e.g. https://host:8443; the scan is "
+                   "uploaded, the outputs are written here")
+    p.add_argument("--token-file", metavar="F", help="the --server's bearer token (default: $SWINUNETR_SEGMENT_TOKEN, "
+                   "else the token file of a server on this machine)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return p
@@ -111,6 +116,10 @@ def progress_printer(quiet: bool) -> tuple[Optional[Callable], Callable[[], None
 
 def _model(args: argparse.Namespace):
     """(card, weights) that the options name; checked before any scan is read."""
+    if getattr(args, "server", None):
+        from SwinUNETRSegmentLib.service.remote import remote_model
+
+        return remote_model(args)  # the server's card; the weights are the server's
     from SwinUNETRSegmentLib.models import catalog
     from SwinUNETRSegmentLib.models.cards import load_card
 
@@ -133,7 +142,11 @@ def _model(args: argparse.Namespace):
 
 
 def _segmenter(args: argparse.Namespace, card, weights):
-    """The loaded Segmenter; under torchrun, on this process's GPU."""
+    """The loaded Segmenter; under torchrun, on this process's GPU; with --server, the service's."""
+    if getattr(args, "server", None):
+        from SwinUNETRSegmentLib.service.remote import remote_segmenter
+
+        return remote_segmenter(args, card)
     from SwinUNETRSegmentLib.inference.engine import Segmenter
     from SwinUNETRSegmentLib.inference.options import FastPath
 
