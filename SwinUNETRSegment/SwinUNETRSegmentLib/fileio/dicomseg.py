@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -79,11 +80,9 @@ def prepare_sources(datasets: Sequence) -> tuple[list, list[str]]:
     """Copies of the source headers a SEG can reference, and notes on what was filled in.
 
     Empty SOPClassUID / SOPInstanceUID come from each file's meta information; an empty
-    StudyInstanceUID, SeriesInstanceUID or FrameOfReferenceUID is derived (``2.25.`` from a
-    hash of the instances' UIDs), the same for every instance and on every run.
+    StudyInstanceUID, SeriesInstanceUID or FrameOfReferenceUID is derived (``2.25.`` and a
+    name-based UUID of the instances' UIDs), the same for every instance and on every run.
     """
-    from pydicom.uid import generate_uid
-
     if not datasets:
         raise UserError("a DICOM SEG needs the DICOM series it segments; give a DICOM folder or a --pacs series")
     out, notes = [], []
@@ -102,14 +101,34 @@ def prepare_sources(datasets: Sequence) -> tuple[list, list[str]]:
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         values = {_uid(c.get(kw)) for c in out}
         if values == {""}:
-            derived = generate_uid(prefix=None, entropy_srcs=[kw, *seed])
+            derived = f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '|'.join([kw, *seed])).int}"
             for c in out:
                 setattr(c, kw, derived)
             notes.append(f"the source series has no {kw}; the SEG uses {derived}, derived from its instances")
         elif len(values) > 1:
             raise UserError(f"the source instances have {len(values)} different {kw}s; "
                             "segment one series at a time")
+    _fix_slice_spacing(out, notes)
     return out, notes
+
+
+def _fix_slice_spacing(sources: list, notes: list[str]) -> None:
+    """highdicom copies the source's SpacingBetweenSlices into the SEG's pixel measures: where
+    it disagrees with the spacing of the slice positions, the copies get the measured one."""
+    if len(sources) < 2 or any(int(ds.get("NumberOfFrames") or 1) > 1 for ds in sources):
+        return
+    try:
+        normal = np.cross(*np.reshape(np.asarray(sources[0].ImageOrientationPatient, float), (2, 3)))
+        along = np.sort([float(np.asarray(ds.ImagePositionPatient, float) @ normal) for ds in sources])
+    except (AttributeError, TypeError, ValueError):
+        return
+    step = float(np.median(np.diff(along)))
+    stated = sources[0].get("SpacingBetweenSlices")
+    if step > 0 and stated not in (None, "") and abs(float(stated) - step) > 0.01 * step:
+        for ds in sources:
+            ds.SpacingBetweenSlices = f"{step:.6g}"
+        notes.append(f"the source's SpacingBetweenSlices ({float(stated):g} mm) is not the spacing of its slice "
+                     f"positions; the SEG records {step:.6g} mm")
 
 
 def _concept(code):
