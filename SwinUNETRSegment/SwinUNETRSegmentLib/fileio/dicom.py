@@ -111,11 +111,12 @@ def check_series(datasets: Sequence, where: str) -> DicomSeries:
                         "give the series of the CT itself")
     if scouts:
         dropped.append(f"{len(scouts)} localizer image{'s' if len(scouts) > 1 else ''}")
-    seen: dict[str, object] = {}
+    seen: dict[tuple, object] = {}
     for ds in kept:
         meta = getattr(ds, "file_meta", None)
         uid = str(ds.get("SOPInstanceUID") or "") or str(getattr(meta, "MediaStorageSOPInstanceUID", ""))
-        seen.setdefault(uid or getattr(ds, "filename", str(id(ds))), ds)
+        where_ = (str(ds.get("ImagePositionPatient")), str(ds.get("ImageOrientationPatient")))
+        seen.setdefault((uid or getattr(ds, "filename", str(id(ds))), where_), ds)  # the same instance, twice
     if len(seen) < len(kept):
         dropped.append(f"{len(kept) - len(seen)} second copies of an instance")
         kept = list(seen.values())
@@ -138,7 +139,7 @@ def check_series(datasets: Sequence, where: str) -> DicomSeries:
         else:
             groups.append((o, 1))
     if len(groups) > 1:
-        counts = " + ".join(str(c) for _o, c in groups)
+        counts = " + ".join(str(c) for c in sorted((c for _o, c in groups), reverse=True))
         raise UserError(f"the DICOM series in {where} holds slices in {len(groups)} orientations ({counts} slices: "
                         "reformats or a localizer mixed in); put the slices of one orientation in a folder of their "
                         "own (or choose them with --series if they have their own SeriesInstanceUID)")
