@@ -136,7 +136,7 @@ def run_pacs(args: argparse.Namespace, cancel: Optional[threading.Event] = None,
             where = f"study {args.study}" if args.study else f"the query {query}"
             raise UserError(f"no {card.modality or 'CT'} series in {where} on {args.pacs}; check the UIDs or the query")
     algorithm = algorithm_of(card, weights)
-    segmenter = _segmenter(args, card, weights)
+    segmenter = None  # loaded once, when the first series needs it
     done: dict[str, set[str]] = {}
     failed: list[str] = []
     for study, series in targets:
@@ -144,6 +144,11 @@ def run_pacs(args: argparse.Namespace, cancel: Optional[threading.Event] = None,
             if not args.overwrite and study not in done:
                 done[study] = dicomweb.existing_segmentations(client, study, algorithm)
             outs = files if single else ([folder / f"{series}.dcm"] if folder is not None else [])
+            if not args.overwrite and series in done[study]:
+                job = dicomweb.SeriesJob(study, series, skipped=True)
+                _report(args, card, job)
+                continue
+            segmenter = segmenter or _segmenter(args, card, weights)
             callback, close = progress_printer(args.quiet)
             try:
                 job = dicomweb.segment_series(
@@ -160,18 +165,22 @@ def run_pacs(args: argparse.Namespace, cancel: Optional[threading.Event] = None,
             print(f"{PROG}: error: series {series}: {exc}", file=sys.stderr)
             continue
         written += job.written
-        if args.quiet:
-            continue
-        for note in job.notes:
-            print(f"{PROG}: warning: {note}", file=sys.stderr)
-        if job.skipped:
-            print(f"{PROG}: series {series}: skipped, a DICOM SEG of model '{card.name}' already references it "
-                  "(--overwrite segments it again)", file=sys.stderr)
-        else:
-            print(f"{PROG}: series {series}: {len(job.found)} of {len(card.labels)} structures found "
-                  f"({', '.join(job.found) or 'none'}); DICOM SEG {job.seg_uid}"
-                  f"{' stored on the server' if job.stored else ''}", file=sys.stderr)
+        _report(args, card, job)
     if failed:
         raise UserError(f"{len(failed)} of {len(targets)} series failed ({', '.join(failed[:5])}); "
                         "the others were done")
     return written
+
+
+def _report(args: argparse.Namespace, card, job) -> None:
+    if args.quiet:
+        return
+    for note in job.notes:
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
+    if job.skipped:
+        print(f"{PROG}: series {job.series}: skipped, a DICOM SEG of model '{card.name}' already references it "
+              "(--overwrite segments it again)", file=sys.stderr)
+    else:
+        print(f"{PROG}: series {job.series}: {len(job.found)} of {len(card.labels)} structures found "
+              f"({', '.join(job.found) or 'none'}); DICOM SEG {job.seg_uid}"
+              f"{' stored on the server' if job.stored else ''}", file=sys.stderr)
