@@ -3,9 +3,9 @@
 - Built-in cards ship in the package (``cards/*.json``); a card whose checkpoint says
   ``"bundled": FILE`` has its weights in the package too (``weights/FILE``), usable offline.
 - Cards a user adds live in ``<home>/cards/``; downloaded or hand-installed weights in
-  ``<home>/models/<name>/model.pt``. ``<home>`` is the per-user data folder
-  (platformdirs), or ``SWINUNETR_SEGMENT_HOME`` (e.g. a shared folder on an offline
-  hospital network). A model's name becomes those paths, so only names that
+  ``<home>/models/<name>/model.pt``. ``<home>`` is the per-user data folder (platformdirs'
+  folder, found with the standard library), or ``SWINUNETR_SEGMENT_HOME`` (e.g. a shared
+  folder on an offline hospital network). A model's name becomes those paths, so only names that
   :func:`~SwinUNETRSegmentLib.models.cards.is_model_name` accepts are used.
 - A checkpoint becomes usable only after its checksum (SHA256, or the MD5 its publisher
   gives) matches the card. Every file is written through
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -52,9 +53,19 @@ def home_dir() -> Path:
     env = os.environ.get("SWINUNETR_SEGMENT_HOME")
     if env:
         return Path(env)
-    import platformdirs
+    return _user_data_dir("swinunetr-segment")
 
-    return Path(platformdirs.user_data_dir("swinunetr-segment", appauthor=False))
+
+def _user_data_dir(app: str) -> Path:
+    """The per-user data folder platformdirs' ``user_data_dir(app, appauthor=False)`` names,
+    found with the standard library only: 3D Slicer's Python, which imports this module for
+    its panel, ships no platformdirs."""
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / app
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / app
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    return Path(xdg if xdg.strip() else Path.home() / ".local" / "share") / app
 
 
 def models_dir() -> Path:
