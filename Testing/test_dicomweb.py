@@ -173,6 +173,8 @@ def orthanc(tmp_path_factory):
             relay.wait(20)
         except subprocess.TimeoutExpired:
             relay.kill()
+            relay.wait(10)
+        relay.stderr.close()
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import contextlib
 import os
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
@@ -189,10 +190,14 @@ def fetch_series(client, study: str, series: str, progress: Optional[Callable[[i
                         "check the UIDs (the server's QIDO-RS lists none of its instances)")
     with tempfile.TemporaryDirectory(prefix="swinunetr-dicomweb-") as tmp:
         received: set[str] = set()
-        with _server_errors(client, f"retrieving {where} ({len(expected)} instances)"):
+        with _server_errors(client, f"retrieving {where} ({len(expected)} instances)"), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             for n, ds in enumerate(client.iter_series(study, series, media_types=_AS_STORED)):
                 if cancel is not None and cancel.is_set():
                     raise CancelledError("cancelled while retrieving the series")
+                if any("End of file" in str(w.message) for w in caught):
+                    break  # pydicom read a truncated instance: the connection dropped inside it
                 pydicom.dcmwrite(os.path.join(tmp, f"{n:06d}.dcm"), ds, enforce_file_format=True)
                 received.add(str(ds.get("SOPInstanceUID") or n))
                 if progress is not None:
