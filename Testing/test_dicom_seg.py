@@ -11,7 +11,6 @@ from conftest import GRIDS, make_affine
 from helpers import write_dicom_series, write_nifti
 from test_dicom_support import (
     ORGANS,
-    RADIUS_MM,
     StandIn,
     dciodvfy_errors,
     label_centre_lps,
@@ -202,6 +201,9 @@ def test_seg_labels_matched_by_snomed_code_onto_another_grid(tmp_path):
         dataclasses.replace(lab, value=14 - lab.value, name=f"x{lab.value}") for lab in card.labels))
     got = read_dicom_seg_labels(path, renumbered, volume)
     assert np.array_equal(got, np.where(labels.array > 0, 14 - labels.array, 0))
+    from SwinUNETRSegmentLib.training.labels import read_label  # a datalist's .dcm label goes there
+
+    assert np.array_equal(read_label(path, renumbered, volume), got)
     # a coarser grid of the same space: nearest SEG voxel
     coarse = Volume(np.zeros((20, 18, 15)), volume.ijk_to_ras @ np.diag([2.0, 2.0, 2.0, 1.0]))
     got = read_dicom_seg_labels(path, card, coarse)
@@ -234,13 +236,11 @@ def test_builtin_model_real_series_seg_where_totalsegmentator_puts_the_organs(ca
     ref = nib.load(reference_files / "example_seg_dicom.nii.gz")
     ref_labels = Volume(np.asarray(ref.dataobj), ref.affine)
     centres = seg_centres(out)
-    checked = 0
+    # the organs the built-in model finds well here (its aorta label lands on the right of the spine
+    # in this series: a model error, not geometry; see the card's known_limits)
     for ts, value in TOTALSEG_TO_BTCV.items():
-        name = card.label(value).name
-        if value in (1, 6, 7, 8) and name in centres and np.any(ref_labels.array == ts):
-            assert np.linalg.norm(centres[name] - label_centre_lps(ref_labels, ts)) < 25.0, name
-            checked += 1
-    assert checked >= 3
-    assert centres["spleen"][0] > centres["liver"][0] + 50  # spleen on the patient's left (+x in LPS)
-    assert centres["aorta"][1] > centres["stomach"][1]  # aorta behind the stomach (+y is posterior)
-    assert RADIUS_MM  # (shared constants imported for the synthetic tests)
+        if value in (1, 6, 7):
+            name = card.label(value).name
+            assert np.linalg.norm(centres[name] - label_centre_lps(ref_labels, ts)) < 15.0, name
+    # a left-right or front-to-back mirror moves the spleen and the liver by 100 mm or more
+    assert centres["spleen"][0] > centres["liver"][0] + 100  # spleen on the patient's left (+x in LPS)

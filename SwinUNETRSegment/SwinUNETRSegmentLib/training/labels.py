@@ -104,7 +104,8 @@ def read_label(path: str | Path, card: ModelCard, grid: Volume, label_map: Optio
     """The labels of ``path`` as card label values (uint8, ``grid.shape``) on ``grid``'s voxels.
 
     Args:
-        path: a label map, or a Slicer ``.seg.nrrd`` (segments matched by :func:`match_segments`).
+        path: a label map, a Slicer ``.seg.nrrd`` (segments matched by :func:`match_segments`), or a
+            DICOM SEG ``.dcm`` (:func:`~SwinUNETRSegmentLib.fileio.dicomseg.read_dicom_seg_labels`).
         card: the model card whose label values the result holds.
         grid: the image the labels belong to.
         label_map: {source value: card value} for a label map with other values (unlisted
@@ -117,6 +118,9 @@ def read_label(path: str | Path, card: ModelCard, grid: Volume, label_map: Optio
     from SwinUNETRSegmentLib.inference.resample import resample_labels
 
     p = Path(path)
+    if has_suffix(p, (".dcm",)):  # a DICOM SEG: segments matched by SNOMED code, put on the grid by highdicom
+        from SwinUNETRSegmentLib.fileio.dicomseg import read_dicom_seg_labels
+        return read_dicom_seg_labels(p, card, grid)
     src = _segmentation_labels(p, card) if has_suffix(p, (".seg.nrrd",)) else _label_map(p, card, label_map)
     if src.same_grid(grid):
         return src.array.astype(np.uint8)
