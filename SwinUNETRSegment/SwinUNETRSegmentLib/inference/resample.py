@@ -97,30 +97,14 @@ def to_input_grid(
             outside="border" if outside == "border" else "zeros",
         )
     if mode == "boundaries":
-
-        def run(scores):
-            return resample_argmax(
-                scores,
-                model_affine,
-                volume.shape,
-                volume.ijk_to_ras,
-                outside=outside,
-                slab_voxels=slab_voxels,
-                cancel=cancel,
-            )
+        way = resample_argmax
     else:
         softmax_inplace(logits)
+        way = resample_probabilities
 
-        def run(scores):
-            return resample_probabilities(
-                scores,
-                model_affine,
-                volume.shape,
-                volume.ijk_to_ras,
-                outside=outside,
-                slab_voxels=slab_voxels,
-                cancel=cancel,
-            )
+    def run(scores):
+        return way(scores, model_affine, volume.shape, volume.ijk_to_ras, outside=outside, slab_voxels=slab_voxels,
+                   cancel=cancel)
 
     if logits.device.type != "cuda":
         return run(logits[0])
@@ -134,9 +118,6 @@ def to_input_grid(
         return run(logits[0].cpu())
 
 
-# ----------------------------------------------------------------------------------------
-# back to the input grid
-# ----------------------------------------------------------------------------------------
 def softmax_inplace(logits, chunk: int = 8) -> None:
     """Softmax over channels of a ``(1, C, X, Y, Z)`` tensor, in place, a few slices at a time."""
     import torch
