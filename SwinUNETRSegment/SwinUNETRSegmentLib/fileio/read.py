@@ -3,7 +3,10 @@
 NIfTI (.nii, .nii.gz) with nibabel, whose affine is the file's own RAS matrix; NRRD (.nrrd,
 .nhdr), MetaImage (.mha, .mhd) and DICOM series folders with SimpleITK, whose LPS geometry
 is converted once, in :meth:`Volume.from_itk_geometry`. SimpleITK's GDCM reader decodes
-compressed DICOM (JPEG, JPEG 2000, RLE) without extra packages.
+compressed DICOM (JPEG, JPEG 2000, RLE) without extra packages. A DICOM series first passes
+the geometry checks of :mod:`.dicom` (localizers left out; several orientations, gantry tilt,
+missing slices, uneven spacing refused), which also decide the slice order; its headers come
+back in ``ScanInfo.dicom`` for a DICOM SEG.
 """
 
 from __future__ import annotations
