@@ -156,6 +156,39 @@ def test_real_jpeg2000_series(tmp_path, reference_files, capsys, standin):
         assert np.linalg.norm(centres[card.label(value).name] - label_centre_lps(engine, value)) < 0.5
 
 
+@pytest.mark.parametrize("uid, kept", [
+    ("1.2.826.0.1.3680043.10.543.9999999999999999999999999999999999", True),  # instance UIDs of 64 characters
+    ("2.25.329800735698586629295641978511506172918", True),
+    ("1.2.826.0.01.3680043.5", False),  # a leading zero: not a DICOM UID
+], ids=["long", "2.25", "leading-zero"])
+def test_oblique_mr_with_odd_uids(capsys, tmp_path, standin, uid, kept):
+    """Valid odd UIDs are referenced as they are; invalid ones are replaced, so the SEG validates."""
+    import highdicom as hd
+    import pydicom
+    from conftest import rotation
+
+    ct, truth = organ_volume(Volume(np.zeros((40, 36, 20), np.int16),
+                                    make_affine((1.0, 1.1, 2.0), rotation(0.3, 0.2, 0.1), (1.0, 2.0, 3.0))))
+    folder = write_dicom_series(ct, tmp_path / "s", series_uid=uid, modality="MR")
+    for p in folder.iterdir():
+        ds = pydicom.dcmread(p)
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID = uid[:-1] + "7", uid[:-1] + "8"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+        ds.save_as(p)
+    out = tmp_path / "r.dcm"
+    rc, _, err = _run(capsys, ["-i", folder, "-o", out, "--model", "demo"])
+    assert rc == 0, err
+    assert "the scan is MR" in err and ("not a valid DICOM UID" in err) != kept
+    volume, _info = read_volume(folder)
+    card = load_card("demo")
+    _check_seg(out, card, StandIn(card).segment(volume).labels)
+    seg = hd.seg.segread(str(out))
+    assert (seg.StudyInstanceUID == uid[:-1] + "7") == kept
+    assert (seg_references(seg)[0] == {uid}) == kept
+    centres = seg_centres(out)
+    assert all(np.linalg.norm(centres[card.label(v).name] - truth[v]) < 2.0 for v in ORGANS)
+
+
 def test_not_dicom_input_has_no_series_to_reference(capsys, tmp_path, standin):
     scan = write_nifti(Volume(np.zeros((8, 8, 8), np.int16), np.eye(4)), tmp_path / "ct.nii.gz")
     out = tmp_path / "r.dcm"

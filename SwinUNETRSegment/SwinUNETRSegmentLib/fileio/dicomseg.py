@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +77,21 @@ def _uid(value) -> str:
     return str(value or "").strip().rstrip("\x00").strip()
 
 
-def prepare_sources(datasets: Sequence) -> tuple[list, list[str]]:
+def _derived_uid(*parts: str) -> str:
+    """A valid UID from a name-based UUID of ``parts``: the same on every run."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '|'.join(parts)).int}"
+
+
+def prepare_sources(datasets: Sequence, repair_invalid_uids: bool = True) -> tuple[list, list[str]]:
     """Copies of the source headers a SEG can reference, and notes on what was filled in.
 
     Empty SOPClassUID / SOPInstanceUID come from each file's meta information; an empty
     StudyInstanceUID, SeriesInstanceUID or FrameOfReferenceUID is derived (``2.25.`` and a
     name-based UUID of the instances' UIDs), the same for every instance and on every run.
+    With ``repair_invalid_uids``, a UID that breaks the DICOM UID syntax (leading zeros,
+    letters, over 64 characters), which the SEG would otherwise inherit and fail validation
+    with, is replaced the same way (derived from the original, so consistently); a DICOMweb
+    job keeps the server's UIDs instead, so that the SEG joins its study there.
     """
     if not datasets:
         raise UserError("a DICOM SEG needs the DICOM series it segments; give a DICOM folder or a --pacs series")
@@ -97,11 +107,13 @@ def prepare_sources(datasets: Sequence) -> tuple[list, list[str]]:
             raise UserError(f"{Path(getattr(ds, 'filename', '') or 'an instance').name} has no SOPInstanceUID; "
                             "a DICOM SEG cannot reference it: export the series again with its UIDs")
         out.append(c)
+    if repair_invalid_uids:
+        _repair_uids(out, notes)
     seed = sorted(_uid(c.SOPInstanceUID) for c in out)
     for kw in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         values = {_uid(c.get(kw)) for c in out}
         if values == {""}:
-            derived = f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '|'.join([kw, *seed])).int}"
+            derived = _derived_uid(kw, *seed)
             for c in out:
                 setattr(c, kw, derived)
             notes.append(f"the source series has no {kw}; the SEG uses {derived}, derived from its instances")
@@ -110,6 +122,22 @@ def prepare_sources(datasets: Sequence) -> tuple[list, list[str]]:
                             "segment one series at a time")
     _fix_slice_spacing(out, notes)
     return out, notes
+
+
+_UID_SYNTAX = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def _repair_uids(sources: list, notes: list[str]) -> None:
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID"):
+        bad = 0
+        for ds in sources:
+            value = _uid(ds.get(kw))
+            if value and (len(value) > 64 or not _UID_SYNTAX.fullmatch(value)):
+                setattr(ds, kw, _derived_uid(kw, value))
+                bad += 1
+        if bad:
+            notes.append(f"{bad} source {kw}{'s are' if bad > 1 else ' is'} not a valid DICOM UID; the SEG refers "
+                         "to the instances by UIDs derived from them")
 
 
 def _fix_slice_spacing(sources: list, notes: list[str]) -> None:

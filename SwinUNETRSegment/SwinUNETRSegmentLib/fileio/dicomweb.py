@@ -298,7 +298,7 @@ def segment_series(segmenter, client, study: str, series: str, *, store_result: 
             return job
     volume, info = fetch_series(client, study, series, cancel=cancel)
     result = segmenter.segment(volume, progress=progress, cancel=cancel)
-    sources, job.notes = prepare_sources(info.dicom)
+    sources, job.notes = prepare_sources(info.dicom, repair_invalid_uids=False)  # the server's own UIDs
     seg = build_dicom_seg(result.labels, card, sources, algorithm, segmentation_type)
     job.seg_uid = str(seg.SOPInstanceUID)
     job.found = [card.label(v).name for v in result.present_labels() if any(lab.value == v for lab in card.labels)]
