@@ -130,6 +130,21 @@ def test_labelmap_seg_and_a_label_the_organs_miss(tmp_path):
     assert all(np.linalg.norm(centres[card.label(v).name] - truth[v]) < 2.0 for v in ORGANS)
 
 
+def test_labels_on_another_grid_than_the_series(tmp_path):
+    """Labels half a voxel off the source slices: frames placed by their own positions, still valid."""
+    _, spacing, direction, origin = SYNTHETIC[0]
+    ct, truth = organ_volume(Volume(np.zeros((40, 36, 30), np.int16), make_affine(spacing, direction, origin)))
+    _volume, info = read_volume(write_dicom_series(ct, tmp_path / "s"))
+    card = load_card("demo")
+    moved = Volume(ct.array, ct.ijk_to_ras @ np.array([[1, 0, 0, 0.5], [0, 1, 0, 0], [0, 0, 1, 0.5], [0, 0, 0, 1]]))
+    labels = StandIn(card).segment(moved).labels
+    out = write_dicom_seg(tmp_path / "x.dcm", labels, card, info.dicom)
+    _check_seg(out, card, labels)
+    centres = seg_centres(out)
+    for v in ORGANS:
+        assert np.linalg.norm(centres[card.label(v).name] - label_centre_lps(labels, v)) < 1e-3
+
+
 def test_real_jpeg2000_series(tmp_path, reference_files, capsys, standin):
     """The real CT (JPEG 2000, empty Study/Series/SOP UIDs in the data set) gives a valid SEG
     that references every instance under UIDs that do not change between runs."""

@@ -241,11 +241,12 @@ def build_dicom_seg(labels: Volume, card: ModelCard, sources: Sequence, algorith
     volume = hd.Volume(lut[np.asarray(labels.array)], labels.ijk_to_lps, coordinate_system="PATIENT",
                        frame_of_reference_uid=_uid(first.get("FrameOfReferenceUID")) or None)
     geometry = _source_geometry(sources)
-    if geometry is not None:
-        try:  # frames on the source slices: a permutation and flips, done by highdicom
-            volume = volume.match_geometry(geometry)
-        except RuntimeError:
-            pass  # another grid: highdicom places every frame by its own position
+    try:  # frames on the source slices: a permutation and flips, done by highdicom
+        if geometry is None:
+            raise RuntimeError("no source stack")
+        volume = volume.match_geometry(geometry, tol=1e-3)
+    except RuntimeError:  # another grid: slices (k) as frames, each placed by its own position
+        volume = volume.permute_spatial_axes([2, 1, 0])
     number = series_number if series_number is not None else int(first.get("SeriesNumber") or 0) % 100000 + 1000
     seg = hd.seg.Segmentation(
         source_images=list(sources),
