@@ -1,9 +1,11 @@
 """What the DICOM tests share (no tests here): a stand-in segmenter, synthetic series with
-organs at known places in patient coordinates, the dciodvfy check, and a SEG read back
-through highdicom alone."""
+organs at known places in patient coordinates, the dciodvfy check, a SEG read back
+through highdicom alone, and the relay to an isolated Orthanc (run as a script:
+``python test_dicom_support.py serve CONFIG PORTFILE ORTHANC INNER_PORT CUT``)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -106,3 +108,95 @@ def label_centre_lps(labels: Volume, value: int) -> np.ndarray:
     ijk = np.argwhere(np.asarray(labels.array) == value).astype(float)
     lps = labels.ijk_to_lps
     return ijk.mean(axis=0) @ lps[:3, :3].T + lps[:3, 3]
+
+
+# ---------------------------------------------------------------------------------------
+# the Orthanc relay (runs in its own process)
+# ---------------------------------------------------------------------------------------
+def serve_orthanc(config: str, port_file: str, orthanc: str, inner_port: int, cut_after: int) -> int:
+    """Start Orthanc in a network namespace of its own and relay two ports on 127.0.0.1 to it
+    (the second cuts every answer after ``cut_after`` bytes); write the ports to ``port_file``;
+    stop when standard input closes. For test_dicomweb.py."""
+    import ctypes
+    import fcntl
+    import socket
+    import struct
+    import threading
+
+    listeners = []
+    for _ in range(2):  # made before unshare: they stay in the outer namespace
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        s.settimeout(0.5)
+        listeners.append(s)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
+        print(f"unshare failed: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+        return 3
+    lo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flags = struct.unpack("16sH14x", fcntl.ioctl(lo, 0x8913, struct.pack("16sH14x", b"lo", 0)))[1]
+    fcntl.ioctl(lo, 0x8914, struct.pack("16sH14x", b"lo", flags | 1))  # SIOCSIFFLAGS: lo up
+    log = open(Path(config).with_name("orthanc.log"), "wb")
+    proc = subprocess.Popen([orthanc, config], stdout=log, stderr=log)
+    stop = threading.Event()
+
+    def pump(src, dst, limit):
+        sent = 0
+        try:
+            while not stop.is_set():
+                data = src.recv(65536)
+                if not data:
+                    break
+                if limit is not None and sent + len(data) >= limit:
+                    dst.sendall(data[: limit - sent])
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def handle(client, limit):
+        try:
+            upstream = socket.create_connection(("127.0.0.1", inner_port), timeout=30)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(60)
+        client.settimeout(60)
+        threading.Thread(target=pump, args=(client, upstream, None), daemon=True).start()
+        pump(upstream, client, limit)
+
+    def accept(listener, limit):
+        while not stop.is_set() and proc.poll() is None:
+            try:
+                client, _ = listener.accept()
+            except (socket.timeout, OSError):
+                continue
+            threading.Thread(target=handle, args=(client, limit), daemon=True).start()
+
+    for listener, limit in zip(listeners, (None, cut_after)):
+        threading.Thread(target=accept, args=(listener, limit), daemon=True).start()
+    tmp = port_file + ".tmp"
+    Path(tmp).write_text(" ".join(str(s.getsockname()[1]) for s in listeners))
+    os.replace(tmp, port_file)
+    try:
+        sys.stdin.read()  # until the test closes the pipe (or dies)
+    finally:
+        stop.set()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "serve":
+    sys.exit(serve_orthanc(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])))

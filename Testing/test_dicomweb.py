@@ -6,13 +6,12 @@ only way in, listening on 127.0.0.1. A second relay port cuts every answer after
 server that goes away in the middle of a download. Skipped with the reason when Orthanc is
 not installed (``.ci/run`` installs it as root) or the namespace cannot be made.
 
-Run as ``python test_dicomweb.py serve CONFIG PORTFILE`` it is that relay.
+The relay is ``python test_dicom_support.py serve CONFIG PORTFILE ORTHANC INNER_PORT CUT``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,91 +29,6 @@ USER, PASSWORD = "alice", "wonderland-7"
 STUDY = "1.2.826.0.1.3680043.10.1234.1"
 REAL_SERIES = STUDY + ".1"
 SMALL_SERIES = STUDY + ".2"
-
-
-# ---------------------------------------------------------------------------------------
-# the relay (runs in its own process)
-# ---------------------------------------------------------------------------------------
-def _serve(config: str, port_file: str) -> int:
-    import ctypes
-    import fcntl
-    import socket
-    import struct
-    import threading
-
-    listeners = []
-    for _ in range(2):  # made before unshare: they stay in the outer namespace
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        s.listen(16)
-        s.settimeout(0.5)
-        listeners.append(s)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
-        print(f"unshare failed: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
-        return 3
-    lo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    flags = struct.unpack("16sH14x", fcntl.ioctl(lo, 0x8913, struct.pack("16sH14x", b"lo", 0)))[1]
-    fcntl.ioctl(lo, 0x8914, struct.pack("16sH14x", b"lo", flags | 1))  # SIOCSIFFLAGS: lo up
-    log = open(Path(config).with_name("orthanc.log"), "wb")
-    proc = subprocess.Popen([ORTHANC, config], stdout=log, stderr=log)
-    stop = threading.Event()
-
-    def pump(src, dst, limit):
-        sent = 0
-        try:
-            while not stop.is_set():
-                data = src.recv(65536)
-                if not data:
-                    break
-                if limit is not None and sent + len(data) >= limit:
-                    dst.sendall(data[: limit - sent])
-                    break
-                dst.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def handle(client, limit):
-        try:
-            upstream = socket.create_connection(("127.0.0.1", INNER_PORT), timeout=30)
-        except OSError:
-            client.close()
-            return
-        upstream.settimeout(60)
-        client.settimeout(60)
-        threading.Thread(target=pump, args=(client, upstream, None), daemon=True).start()
-        pump(upstream, client, limit)
-
-    def accept(listener, limit):
-        while not stop.is_set() and proc.poll() is None:
-            try:
-                client, _ = listener.accept()
-            except (socket.timeout, OSError):
-                continue
-            threading.Thread(target=handle, args=(client, limit), daemon=True).start()
-
-    for listener, limit in zip(listeners, (None, CUT_AFTER)):
-        threading.Thread(target=accept, args=(listener, limit), daemon=True).start()
-    tmp = port_file + ".tmp"
-    Path(tmp).write_text(" ".join(str(s.getsockname()[1]) for s in listeners))
-    os.replace(tmp, port_file)
-    try:
-        sys.stdin.read()  # until the test closes the pipe (or dies)
-    finally:
-        stop.set()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,7 +59,9 @@ def orthanc(tmp_path_factory):
     folder = tmp_path_factory.mktemp("orthanc")
     config = _config(folder)
     port_file = folder / "ports"
-    relay = subprocess.Popen([sys.executable, __file__, "serve", str(config), str(port_file)],
+    support = Path(__file__).with_name("test_dicom_support.py")
+    relay = subprocess.Popen([sys.executable, str(support), "serve", str(config), str(port_file), ORTHANC,
+                              str(INNER_PORT), str(CUT_AFTER)],
                              stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for _ in range(300):
@@ -407,7 +323,3 @@ def test_server_goes_away_mid_fetch(capsys, pacs, auth_file, tmp_path, standins)
                                "--store", "--model", "demo", "--overwrite", "-o", out])
     _one_line_error(rc, err, "while retrieving series")
     assert not out.exists() and len(_segs(client)) == before
-
-
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "serve":
-    sys.exit(_serve(sys.argv[2], sys.argv[3]))

@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
 
-__all__ = ["ENV_AUTH_FILE", "ENV_TOKEN", "ENV_USER", "ENV_PASSWORD", "read_auth", "connect", "find_series",
-           "fetch_series", "existing_segmentations", "store", "segment_series", "SeriesJob"]
+__all__ = ["BearerAuth", "ENV_AUTH_FILE", "ENV_TOKEN", "ENV_USER", "ENV_PASSWORD", "read_auth", "connect",
+           "find_series", "fetch_series", "existing_segmentations", "store", "segment_series", "SeriesJob"]
 
 ENV_AUTH_FILE = "SWINUNETR_DICOMWEB_AUTH_FILE"
 ENV_TOKEN = "SWINUNETR_DICOMWEB_TOKEN"
@@ -44,7 +44,7 @@ TIMEOUT = 60.0
 _AS_STORED = (("application/dicom", "*"),)
 
 
-class _Bearer:
+class BearerAuth:
     """requests auth: ``Authorization: Bearer TOKEN``."""
 
     def __init__(self, token: str):
@@ -70,24 +70,28 @@ def read_auth(auth_file: Optional[str | Path] = None, environ: Mapping[str, str]
                             "write 'Bearer TOKEN' or 'USER:PASSWORD' in it")
         scheme, _, rest = line.partition(" ")
         if scheme.lower() == "bearer" and rest.strip():
-            return _Bearer(rest.strip())
+            return BearerAuth(rest.strip())
         if scheme.lower() == "basic" and ":" in rest:
             line = rest.strip()
         if ":" in line:
             user, _, password = line.partition(":")
             return (user, password)
-        return _Bearer(line)
+        return BearerAuth(line)
     if environ.get(ENV_TOKEN):
-        return _Bearer(environ[ENV_TOKEN].strip())
+        return BearerAuth(environ[ENV_TOKEN].strip())
     if environ.get(ENV_USER):
         return (environ[ENV_USER], environ.get(ENV_PASSWORD, ""))
     return None
 
 
-def connect(url: str, auth_file: Optional[str | Path] = None, environ: Mapping[str, str] = os.environ):
+def connect(url: str, auth_file: Optional[str | Path] = None, environ: Mapping[str, str] = os.environ,
+            auth=None):
     """A ``dicomweb_client.DICOMwebClient`` for the DICOMweb root ``url`` (e.g.
-    ``http://127.0.0.1:8042/dicom-web``), with the credentials of :func:`read_auth` and
-    a timeout on every request."""
+    ``http://127.0.0.1:8042/dicom-web``), with a timeout on every request.
+
+    ``auth``: credentials a program already holds (``BearerAuth(token)`` or ``(user,
+    password)``, e.g. the engine service's job); when None, those of :func:`read_auth`.
+    """
     import requests
     from dicomweb_client.api import DICOMwebClient
 
@@ -106,7 +110,7 @@ def connect(url: str, auth_file: Optional[str | Path] = None, environ: Mapping[s
             return super().send(request, **kwargs)
 
     session = requests.Session()
-    session.auth = read_auth(auth_file, environ)
+    session.auth = auth if auth is not None else read_auth(auth_file, environ)
     session.mount("http://", _Timeout())
     session.mount("https://", _Timeout())
     client = DICOMwebClient(url=url.rstrip("/"), session=session)
