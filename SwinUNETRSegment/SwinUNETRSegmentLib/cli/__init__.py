@@ -8,4 +8,13 @@
 
 from SwinUNETRSegmentLib.cli.app import main
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
+
+
+def entry() -> int:
+    """The ``swinunetr-segment`` executable: :func:`main` in an engine process with the
+    allocator :mod:`~SwinUNETRSegmentLib.inference.memory` picks (jemalloc where installed)."""
+    from SwinUNETRSegmentLib.inference.memory import reexec_with_allocator
+
+    reexec_with_allocator()
+    return main()

@@ -1,0 +1,110 @@
+"""The engine process's allocator: keep large activation buffers instead of returning them.
+
+Where jemalloc is installed (Linux: ``apt-get install libjemalloc2``), the engine process
+runs on it, configured to retain the memory it frees (:func:`allocator_env`: the command
+line re-executes itself with it, :func:`reexec_with_allocator`, and the local engine
+service starts with it). Otherwise glibc's thresholds are raised (:func:`configure_allocator`).
+``SWINUNETR_SEGMENT_ALLOCATOR=system`` keeps the C library's allocator untouched.
+
+By default glibc serves every allocation above its mmap threshold (128 KiB, raised
+dynamically up to 32 MiB) with a fresh ``mmap`` and unmaps it on ``free``: a SwinUNETR's
+activations (hundreds of MB at 96^3) are then faulted in page by page on every window
+and handed back after it, which costs kernel time on every window
+(``benchmarks/bench_memory.py`` measures it). Raising the mmap threshold above the largest
+buffer and the trim threshold with it makes glibc keep freed buffers in its heap and
+reuse them for the next window.
+
+No library sets this (PyTorch leaves the C allocator alone), so :func:`configure_allocator`
+calls glibc's ``mallopt`` through ctypes. It changes no result, only where freed memory
+goes; it is a no-op where the C library is not glibc (macOS, Windows, musl) and when the
+user set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` themselves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+
+__all__ = ["DEFAULT_THRESHOLD", "JEMALLOC_CONF", "allocator_env", "configure_allocator", "jemalloc_library",
+           "reexec_with_allocator"]
+
+log = logging.getLogger(__name__)
+
+#: glibc's mallopt parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+#: bytes: larger than one activation buffer of a feature-48 SwinUNETR at 96^3 per window pair
+DEFAULT_THRESHOLD = 1 << 30
+
+_configured: int | None = None
+
+#: jemalloc keeps what it frees (no decay back to the system): no page faults per window
+JEMALLOC_CONF = "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+_JEMALLOC = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+             "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+
+
+def jemalloc_library() -> str | None:
+    """The path of an installed libjemalloc.so.2 (Linux), or None."""
+    if platform.system() != "Linux":
+        return None
+    return next((p for p in _JEMALLOC if os.path.exists(p)), None)
+
+
+def allocator_env(env: dict | None = None) -> dict:
+    """``env`` (default: this process's) with what an engine process needs to start on
+    jemalloc, when it is installed and the user did not ask for the system allocator."""
+    env = dict(os.environ if env is None else env)
+    lib = jemalloc_library()
+    if lib is None or env.get("SWINUNETR_SEGMENT_ALLOCATOR", "").lower() == "system":
+        return env
+    if lib not in env.get("LD_PRELOAD", "").split(":"):
+        env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    return env
+
+
+def reexec_with_allocator() -> None:
+    """Replace this process by itself on jemalloc (once: the new process finds it loaded),
+    when :func:`allocator_env` changes anything; else configure glibc. For the command
+    line's entry point only: it must run before anything else was done."""
+    import sys
+
+    env = allocator_env()
+    if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD") and not os.environ.get("_SWINUNETR_SEGMENT_REEXEC"):
+        env["_SWINUNETR_SEGMENT_REEXEC"] = "1"
+        argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
+        try:
+            os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+        except OSError:
+            pass  # keep running on the system allocator
+    if "jemalloc" not in os.environ.get("LD_PRELOAD", ""):
+        configure_allocator()
+
+
+def configure_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
+    """Set glibc's mmap and trim thresholds to ``threshold`` bytes (once per process).
+
+    Returns True when the thresholds were set; False where there is nothing to do (not
+    glibc, or the user's environment already sets them)."""
+    global _configured
+    if _configured is not None:
+        return _configured == threshold
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = all(libc.mallopt(param, int(threshold)) == 1 for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        ok = False
+    if ok:
+        _configured = int(threshold)
+    else:
+        log.debug("mallopt is not available here; the allocator keeps its defaults")
+    return ok

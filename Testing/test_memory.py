@@ -1,0 +1,48 @@
+"""The engine process's allocator (inference/memory.py): jemalloc where installed, glibc's
+thresholds raised otherwise, the system's when the user says so."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from SwinUNETRSegmentLib.inference import memory
+
+PROBE = ("from SwinUNETRSegmentLib.inference.memory import reexec_with_allocator; reexec_with_allocator(); "
+         "maps = open('/proc/self/maps').read(); print('jemalloc' in maps)")
+
+
+def _probe(**env) -> str:
+    drop = ("LD_PRELOAD", "MALLOC_CONF", "_SWINUNETR_SEGMENT_REEXEC")
+    run_env = {k: v for k, v in os.environ.items() if k not in drop}
+    run_env.update(env)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=run_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(memory.jemalloc_library() is None, reason="libjemalloc2 is not installed here")
+def test_the_engine_process_runs_on_jemalloc_when_installed():
+    assert _probe() == "True"
+    env = memory.allocator_env({})
+    assert memory.jemalloc_library() in env["LD_PRELOAD"] and env["MALLOC_CONF"] == memory.JEMALLOC_CONF
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="/proc/self/maps is Linux's")
+def test_the_user_can_keep_the_system_allocator():
+    assert _probe(SWINUNETR_SEGMENT_ALLOCATOR="system") == "False"
+    assert "LD_PRELOAD" not in memory.allocator_env({"SWINUNETR_SEGMENT_ALLOCATOR": "system"})
+
+
+def test_glibc_thresholds_are_set_once_or_left_to_the_user(monkeypatch):
+    monkeypatch.setattr(memory, "_configured", None)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert memory.configure_allocator() is False  # the user's setting stands
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert memory.configure_allocator() is expected
+    assert memory.configure_allocator() is expected  # once per process, the same answer
