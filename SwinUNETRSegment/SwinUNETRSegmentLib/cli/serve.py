@@ -190,9 +190,10 @@ def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> i
 
 
 def _preload() -> None:
-    """torch and MONAI imported while no job waits, so that the first job does not wait for them."""
+    """torch, MONAI and the engine imported while no job waits, so that the first job does not wait for them."""
+    from SwinUNETRSegmentLib.service.jobs import import_engine
+
     try:
-        import monai  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
-        pass
+        import_engine()
+    except ImportError as exc:
+        _say(f"warning: the engine cannot be imported ({exc}); jobs will fail until it is installed")

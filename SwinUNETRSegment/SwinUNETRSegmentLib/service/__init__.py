@@ -7,12 +7,13 @@ clients, locally for 3D Slicer or on a GPU server for many users.
   :mod:`.jobs`: the queue per device, the workers, the loaded models; :mod:`.auth`: the
   bearer tokens, compared in constant time.
 - :mod:`.client`: the client, importable in 3D Slicer's own Python (standard library,
-  requests, numpy: no torch, MONAI or fastapi); it talks to a server URL with a token, or
-  starts a local engine process (:class:`~.client.LocalEngine`) and reuses it.
+  requests, numpy: no torch, MONAI or fastapi); it talks to a server URL with a token;
+  :mod:`.local`: the local engine process it starts, reuses and restarts
+  (:class:`~.local.LocalEngine`, also importable from :mod:`.client`).
 - :mod:`.remote`: the command line's ``--server``: a segmenter whose work the service does.
 
 Nothing is imported here, so that ``import SwinUNETRSegmentLib.service.client`` costs only
 what the client needs.
 """
 
-__all__ = ["auth", "client", "jobs", "protocol", "remote", "server"]
+__all__ = ["auth", "client", "jobs", "local", "protocol", "remote", "server"]

@@ -10,7 +10,7 @@ installed and never loads them into Slicer's process.
   on zlib and the socket, which both release the interpreter lock); :meth:`RemoteJob.poll`
   asks for the job's state once, within a short timeout; :meth:`Client.segment` is the
   blocking loop for the command line.
-- :class:`LocalEngine`: ``swinunetr-segment serve`` as a child process on 127.0.0.1 with a
+- :class:`~.local.LocalEngine` (here too): ``swinunetr-segment serve`` as a child process on 127.0.0.1 with a
   random port and token, started on first use and reused (:func:`local_engine`), stopped
   when its parent exits (its stdin pipe closes; ``atexit`` too), started again when it died.
 
@@ -20,19 +20,12 @@ cancelled job raises ``CancelledError``.
 
 from __future__ import annotations
 
-import atexit
-import os
 import re
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -41,8 +34,19 @@ import requests
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
 from SwinUNETRSegmentLib.progress import ProgressCallback
 from SwinUNETRSegmentLib.service.auth import read_tokens
-from SwinUNETRSegmentLib.service.protocol import CANCELLED, DONE, FAILED, OPTIONS_HEADER, JobOptions, JobStatus
-from SwinUNETRSegmentLib.service.protocol import decode_nrrd, encode_nrrd
+from SwinUNETRSegmentLib.service.protocol import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    OPTIONS_HEADER,
+    JobOptions,
+    JobStatus,
+    decode_nrrd,
+    encode_nrrd,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from SwinUNETRSegmentLib.service.local import LocalEngine, local_engine
 
 __all__ = ["ServiceError", "EngineStopped", "Client", "RemoteJob", "RemoteResult", "LocalEngine", "local_engine",
            "CONNECT_TIMEOUT", "READ_TIMEOUT", "TRANSFER_TIMEOUT"]
@@ -302,8 +306,8 @@ class RemoteJob:
         info = self.status.result or {}
         r = self.client.call("GET", f"/jobs/{self.id}/labels", params={"keep": int(keep)}, timeout=TRANSFER_TIMEOUT)
         labels, ijk_to_ras = decode_nrrd(r.content)
-        return RemoteResult(labels, ijk_to_ras, info.get("segments", []), info.get("present", []),
-                            info.get("card", {}), info.get("device", ""), info.get("timings", {}), info.get("stats", {}))
+        return RemoteResult(labels, ijk_to_ras, info.get("segments", []), info.get("present", []), info.get("card", {}),
+                            info.get("device", ""), info.get("timings", {}), info.get("stats", {}))
 
     def seg_nrrd(self, keep: bool = False) -> bytes:
         """The ``.seg.nrrd`` file of a done job, as bytes."""
@@ -311,137 +315,10 @@ class RemoteJob:
                                 timeout=TRANSFER_TIMEOUT).content
 
 
-#: runs the command line in the child (``python -c``), so that no entry-point script is needed
-_LAUNCH = "import sys; from SwinUNETRSegmentLib.cli import main; sys.exit(main(sys.argv[1:]))"
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+def __getattr__(name: str) -> Any:
+    """LocalEngine and local_engine live in :mod:`.local` (built on Client); the client names them too."""
+    if name in ("LocalEngine", "local_engine"):
+        from SwinUNETRSegmentLib.service import local
 
-
-class LocalEngine:
-    """``swinunetr-segment serve`` as a child process on 127.0.0.1, for this process only.
-
-    Args:
-        python: the interpreter to run it (in 3D Slicer: ``PythonSlicer``); this one when None.
-        args: more ``serve`` options (``--models``, ``--lease-s``...).
-        env: environment variables for the child (``SWINUNETR_SEGMENT_HOME``...).
-        startup_timeout: seconds :meth:`client` waits for the child to answer.
-    """
-
-    def __init__(self, python: Optional[str] = None, args: Sequence[str] = (), env: Optional[dict[str, str]] = None,
-                 startup_timeout: float = 120.0):
-        self.python, self.args, self.env = python or sys.executable, list(args), dict(env or {})
-        self.startup_timeout = startup_timeout
-        self.process: Optional[subprocess.Popen] = None
-        self._client: Optional[Client] = None
-        self._dir: Optional[Path] = None
-        self._lock = threading.Lock()
-        atexit.register(self.stop)
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    @property
-    def log_path(self) -> Optional[Path]:
-        return None if self._dir is None else self._dir / "engine.log"
-
-    def start(self) -> None:
-        """Start the child (returns at once; :meth:`ready` tells when it answers)."""
-        self.stop()
-        self._dir = Path(tempfile.mkdtemp(prefix="swinunetr-engine-"))  # mode 0700
-        token = secrets.token_urlsafe(32)
-        fd = os.open(self._dir / "token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(token + "\n")
-        env = {**os.environ, **self.env}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        cmd = [self.python, "-c", _LAUNCH, "serve", "--host", "127.0.0.1", "--port", "0",
-               "--token-file", str(self._dir / "token"), "--ready-file", str(self._dir / "ready.json"),
-               "--stop-on-stdin-eof", *self.args]
-        with open(self._dir / "engine.log", "wb") as log:
-            self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self._token, self._client = token, None
-
-    def ready(self) -> bool:
-        """Whether the child answers (one short check); raises :class:`EngineStopped` if it died."""
-        if not self.alive:
-            raise EngineStopped(f"the engine process could not start ({self._how()})")
-        if self._client is None:
-            ready = self._dir / "ready.json"
-            if not ready.is_file():
-                return False
-            import json
-
-            url = json.loads(ready.read_text(encoding="utf-8"))["url"]
-            self._client = Client(url, self._token, lost=self._lost)
-        try:
-            self._client.health(timeout=2.0)
-        except EngineStopped:
-            raise
-        except ServiceError:
-            return False
-        return True
-
-    def client(self) -> Client:
-        """A client of the running child; starts it (again, if it died) and waits until it answers."""
-        with self._lock:
-            if not self.alive:
-                self.start()
-            deadline = time.monotonic() + self.startup_timeout
-            while not self.ready():
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise ServiceError(f"the engine process did not answer within {self.startup_timeout:g} s")
-                time.sleep(0.05)
-            return self._client
-
-    def _how(self) -> str:
-        rc = None if self.process is None else self.process.poll()
-        if rc is not None and rc < 0:
-            try:
-                how = f"killed by {signal.Signals(-rc).name}"
-            except ValueError:
-                how = f"killed by signal {-rc}"
-        else:
-            how = f"exit code {rc}"
-        last = ""
-        if self.log_path is not None and self.log_path.is_file():
-            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
-            last = lines[-1].strip()[:200] if lines else ""
-        return f"{how}{': ' + last if last and rc != -9 else ''}"
-
-    def _lost(self, exc: BaseException) -> ServiceError:
-        if self.process is not None:
-            try:
-                self.process.wait(1.0)
-            except subprocess.TimeoutExpired:
-                return ServiceError(f"lost the connection to the engine process ({_reason(exc)})")
-        return EngineStopped(f"the engine process stopped ({self._how()}); the next run starts a new one")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the child: its stdin closes (it shuts down), then terminate, then kill."""
-        proc, self.process, self._client = self.process, None, None
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.stdin.close()
-                proc.wait(timeout / 2)
-            except (OSError, subprocess.TimeoutExpired):
-                proc.terminate()
-                try:
-                    proc.wait(timeout / 2)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        if self._dir is not None and proc is not None:
-            for name in ("token", "ready.json"):
-                (self._dir / name).unlink(missing_ok=True)
-
-
-_ENGINE: Optional[LocalEngine] = None
-
-
-def local_engine(**kwargs) -> LocalEngine:
-    """The process's one :class:`LocalEngine`, made on first use with ``kwargs``, then reused."""
-    global _ENGINE
-    if _ENGINE is None:
-        _ENGINE = LocalEngine(**kwargs)
-    return _ENGINE
+        return getattr(local, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,7 +43,7 @@ from SwinUNETRSegmentLib.service.protocol import (
     JobStatus,
 )
 
-__all__ = ["Job", "JobManager", "UnknownModel", "Busy", "crop_to_box"]
+__all__ = ["Job", "JobManager", "UnknownModel", "Busy", "crop_to_box", "import_engine"]
 
 log = logging.getLogger("swinunetr_segment.service")
 
@@ -58,6 +58,23 @@ class Busy(UserError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+_IMPORTS = threading.Lock()
+
+
+def import_engine() -> None:
+    """Import torch, MONAI and the engine, once, one thread at a time: MONAI's package
+    imports its submodules in a cycle that two threads importing it at once deadlock on
+    (the server's handlers, its workers and its preloading thread all get here first)."""
+    with _IMPORTS:
+        import monai  # noqa: F401
+        import torch  # noqa: F401
+
+        import SwinUNETRSegmentLib.fileio.read  # noqa: F401
+        import SwinUNETRSegmentLib.fileio.segnrrd  # noqa: F401
+        import SwinUNETRSegmentLib.inference.engine  # noqa: F401
+        import SwinUNETRSegmentLib.models.checkpoint  # noqa: F401
 
 
 def crop_to_box(volume: Volume, box) -> tuple[Volume, Optional[tuple[slice, slice, slice]]]:
@@ -167,6 +184,7 @@ class JobManager:
     # ---- jobs ---------------------------------------------------------------------
     def submit(self, owner: str, options: JobOptions, volume: Volume) -> Job:
         """Queue a job; the model, the device, the volume and the box are checked first."""
+        import_engine()
         from SwinUNETRSegmentLib.inference.devices import resolve_device
 
         card, weights = self.resolve(options.model)
@@ -223,13 +241,14 @@ class JobManager:
         if job.state == QUEUED:  # the worker skips it
             self._finish(job, CANCELLED)
 
-    def take(self, owner: str, job_id: str, keep: bool = False) -> Job:
-        """A done job for its result; dropped unless ``keep`` (the caller holds its labels)."""
+    def take(self, owner: str, job_id: str, keep: bool = False) -> Optional[Volume]:
+        """A done job's labels (None if fetched already); the job is dropped unless ``keep``."""
         with self._lock:
             job = self.get(owner, job_id)
+            labels = job.labels
             if job.state == DONE and not keep:
                 self._drop(job)
-            return job
+            return labels
 
     def _drop(self, job: Job) -> None:
         self._jobs.pop(job.id, None)

@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.service.auth import TokenStore
-from SwinUNETRSegmentLib.service.jobs import Busy, Job, JobManager, UnknownModel
+from SwinUNETRSegmentLib.service.jobs import Busy, Job, JobManager, UnknownModel, import_engine
 from SwinUNETRSegmentLib.service.protocol import (
     API_VERSION,
     DONE,
@@ -128,6 +128,7 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
     @app.get("/info")
     def info(request: Request):
         owner(request)
+        import_engine()
         from SwinUNETRSegmentLib.inference.devices import available_devices
 
         return {"service": SERVICE, "version": config.version, "api": API_VERSION,
@@ -152,6 +153,7 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
         return {**_model_entry(name, manager.served()), "card": card.to_json()}
 
     def read_and_submit(who: str, body: Any) -> dict[str, Any]:
+        import_engine()
         from SwinUNETRSegmentLib.fileio.read import read_volume
 
         path = body.get("path") if isinstance(body, dict) else None
@@ -226,30 +228,31 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
         job = job_of(request, job_id)
         return manager.status(manager.cancel(job.owner, job.id, forget=True)).to_dict()
 
-    def finished(request: Request, job_id: str, keep: bool) -> Job:
+    def finished(request: Request, job_id: str, keep: bool) -> tuple[Job, Volume]:
         job = job_of(request, job_id)
         if job.state == FAILED or (job.state != DONE and job.error_status):
             raise HTTPFailure(job.error_status or 500, job.error or job.state)
         if job.state != DONE:
             raise HTTPFailure(409, f"job {job_id} is {job.state} ({job.message}); poll GET /jobs/{job_id} until done")
-        job = manager.take(job.owner, job.id, keep)
-        if job.labels is None:
+        labels = manager.take(job.owner, job.id, keep)
+        if labels is None:
             raise HTTPFailure(404, f"job {job_id}'s result was fetched already")
-        return job
+        return job, labels
 
     @app.get("/jobs/{job_id}/labels")
     def labels(request: Request, job_id: str, keep: bool = False):
-        labels = finished(request, job_id, keep).labels
+        _job, labels = finished(request, job_id, keep)
         return Response(encode_nrrd(labels.array, labels.ijk_to_ras, level=1), media_type=NRRD_MEDIA_TYPE)
 
     @app.get("/jobs/{job_id}/seg.nrrd")
     def seg_nrrd(request: Request, job_id: str, keep: bool = False):
+        job, labels = finished(request, job_id, keep)
+        import_engine()
         from SwinUNETRSegmentLib.fileio.segnrrd import write_seg_nrrd
 
-        job = finished(request, job_id, keep)
         with tempfile.TemporaryDirectory(prefix="swinunetr-result-") as tmp:
             path = Path(tmp) / "result.seg.nrrd"
-            write_seg_nrrd(path, job.labels, job.card.labels)
+            write_seg_nrrd(path, labels, job.card.labels)
             data = path.read_bytes()
         return Response(data, media_type=NRRD_MEDIA_TYPE)
 
