@@ -1,4 +1,3 @@
-import logging
 from typing import Annotated
 
 import qt
@@ -13,21 +12,14 @@ from slicer.parameterNodeWrapper import (
 from slicer.ScriptedLoadableModule import *
 from slicer.util import VTKObservationMixin
 
-from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentLib.merge import MergePolicy, summarize
-from SwinUNETRSegmentLib.models.catalog import DEFAULT_MODEL, card_of, download, model_names
+from SwinUNETRSegmentLib.models.catalog import DEFAULT_MODEL
 from SwinUNETRSegmentSlicer import mrml, panel, qtutils
-from SwinUNETRSegmentSlicer.models import (
-    ModelCache,
-    catalog_models,
-    catalog_segmenter,
-    devices,
-    download_progress,
-    weights_url,
-)
+from SwinUNETRSegmentSlicer.controller import CANCELLED, DONE, ERROR, INFO, PROGRESS, ServerConsent, Where
+from SwinUNETRSegmentSlicer.logic import SegmentationLogic
+from SwinUNETRSegmentSlicer.qtutils import SettingsStore
 from SwinUNETRSegmentSlicer.sampledata import registerSampleData
 from SwinUNETRSegmentSlicer.selftest import SelfTests
-from SwinUNETRSegmentSlicer.worker import CANCELLED, DONE, ERROR, PROGRESS, InferenceJob
 
 #
 # SwinUNETRSegment
@@ -47,10 +39,11 @@ class SwinUNETRSegment(ScriptedLoadableModule):
         self.parent.contributors = ["SwinUNETR Segment contributors"]
         self.parent.helpText = _("""
 Segments a scan with a MONAI Swin UNETR model in one click: organs come out as a segmentation
-with named, coloured, SNOMED-coded segments on the volume's own grid. Slicer stays responsive
-while the model runs; Apply turns into Cancel. Running again into an existing segmentation
-adds only what is missing and never overwrites a segment you edited unless you ask for it.
-On first use the module offers to install PyTorch (through the PyTorch extension) and MONAI.
+with named, coloured, SNOMED-coded segments on the volume's own grid. The model runs in a
+separate engine process (on this computer, or on a server), so Slicer stays responsive;
+Apply turns into Cancel. Running again into an existing segmentation adds only what is
+missing and never overwrites a segment you edited unless you ask for it. On first use the
+module offers to install PyTorch (the PyTorch extension's way) and MONAI for the engine.
 """)
         self.parent.acknowledgementText = _("""
 Built on MONAI (Project MONAI, Apache-2.0) and the Swin UNETR model of Hatamizadeh et al. and
@@ -68,12 +61,12 @@ Tang et al. (CVPR 2022). The sample CT is the CTLiver data set of Slicer's Sampl
 @parameterNodeWrapper
 class SwinUNETRSegmentParameterNode:
     """
-    inputVolume - the scan to segment.
-    outputSegmentation - where the segments go; None: create a new segmentation each run.
-    model - catalog name of the model; device - "auto", "cpu", "cuda:N" or "mps".
-    overlap, swBatchSize - sliding-window overlap and windows per batch (set from the model card
-      when a model is chosen, and once when the parameter node is created).
-    keepModelLoaded - keep the network in memory between runs.
+    inputVolume - the scan to segment. outputSegmentation - where the segments go; None: a new one.
+    model - catalog name of the model; device - "auto", "cpu", "cuda:N" or "mps" (of the engine).
+    runOn - "local" (an engine process on this computer) or "server" (serverUrl; its token is in
+      the application settings, never in the scene).
+    overlap, swBatchSize - sliding-window settings (from the model card when a model is chosen).
+    keepModelLoaded - keep the engine and its model in memory between runs.
     updateUnedited, replaceEdited - what a run may replace in an existing segmentation.
     """
 
@@ -81,6 +74,8 @@ class SwinUNETRSegmentParameterNode:
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     model: str = DEFAULT_MODEL
     device: str = "auto"
+    runOn: str = "local"
+    serverUrl: str = ""
     overlap: Annotated[float, WithinRange(0.0, 0.95)] = 0.5
     swBatchSize: Annotated[int, WithinRange(1, 64)] = 4
     keepModelLoaded: bool = True
@@ -99,14 +94,14 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
 
+    TOKEN_KEY = "SwinUNETRSegment/ServerTokens/"
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None  # the running InferenceJob
-        self._run = None  # what the running job writes to, fixed when Apply was clicked
         self._resultNodeID = None  # the last segmentation written, for "Edit in Segment Editor"
         self._resultVolumeID = None
 
@@ -117,15 +112,18 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SwinUNETRSegmentLogic()
+        self.settings = SettingsStore()
+        self.consent = ServerConsent(self.settings)
 
-        # The worker thread never touches Qt or MRML: this timer polls its queue on the main thread.
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(100)
-        self._pollTimer.connect("timeout()", self.onPollJob)
+        # The engine runs in another process; this timer moves the run on a few ms at a time.
+        self._timer = qt.QTimer()
+        self._timer.setInterval(20)
+        self._timer.connect("timeout()", self.onTick)
 
         choices = [(name, card.title, panel.model_tooltip(card)) for name, card in self.logic.availableModels()]
         qtutils.fillComboBox(self.ui.modelComboBox, choices)
-        self.fillDeviceComboBox()
+        qtutils.fillComboBox(self.ui.deviceComboBox, panel.device_choices(None))
+        qtutils.fillComboBox(self.ui.runOnComboBox, [("local", _("this computer")), ("server", _("a server"))])
         self.ui.progressBar.hide()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -133,13 +131,15 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.runOnComboBox.connect("currentIndexChanged(int)", self.onRunOnChanged)
+        self.ui.serverTokenLineEdit.connect("editingFinished()", self.onTokenEdited)
         self.ui.segmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-        self._pollTimer.stop()
+        """Module reload or Slicer closing: cancel the run and stop the local engine (and its model)."""
+        self._timer.stop()
+        self.logic.controller.cleanup()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -152,8 +152,7 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGuiFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self._job.cancel()  # its nodes are going away: nothing will be written
+        self.logic.controller.cancel()  # its nodes are going away: nothing will be written
         self._resultNodeID = None
         self.ui.segmentEditorButton.enabled = False
         self.setParameterNode(None)
@@ -164,11 +163,10 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
-        if not self._parameterNode.modelSettingsApplied and self._parameterNode.model in model_names():
+        p = self._parameterNode
+        if not p.inputVolume:
+            p.inputVolume = mrml.firstScalarVolume(slicer.mrmlScene)  # never a labelmap or vector volume
+        if not p.modelSettingsApplied and p.model in self.logic.modelNames():
             self.applyModelSettings()
 
     def setParameterNode(self, inputParameterNode) -> None:
@@ -182,7 +180,7 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateGuiFromParameterNode()
 
     def updateGuiFromParameterNode(self, caller=None, event=None) -> None:
-        """Model and device selectors (not connected through connectGui) and the Apply button."""
+        """Selectors not connected through connectGui, the server fields and the Apply button."""
         p = self._parameterNode
         if not p:
             return
@@ -191,22 +189,29 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if qtutils.selectComboData(self.ui.modelComboBox, p.model):
             self.ui.modelInfoLabel.text = panel.model_summary(self.logic.modelCard(p.model))
         elif self.ui.modelComboBox.count:
-            p.model = self.ui.modelComboBox.itemData(0)  # a model this machine does not have
-        if self._job is None:
-            self.ui.applyButton.enabled = bool(p.inputVolume)
-            self.ui.applyButton.toolTip = (
-                _("Segment the input volume.") if p.inputVolume else _("Select an input volume.")
-            )
+            p.model = self.ui.modelComboBox.itemData(0)  # a model this machine does not offer
+        qtutils.selectComboData(self.ui.runOnComboBox, p.runOn)
+        remote = p.runOn == "server"
+        for widget in (self.ui.serverUrlLabel, self.ui.serverUrlLineEdit, self.ui.serverTokenLabel,
+                       self.ui.serverTokenLineEdit):
+            widget.visible = remote
+        if remote and not self.ui.serverTokenLineEdit.hasFocus():
+            self.ui.serverTokenLineEdit.text = self.settings.get(self.tokenKey(), "")
+        if not self.logic.controller.running:
+            ready = bool(p.inputVolume) and self.logic.controller.canApply and (not remote or bool(p.serverUrl))
+            self.ui.applyButton.enabled = ready
+            self.ui.applyButton.toolTip = _("Segment the input volume.") if ready else (
+                _("Select an input volume.") if not p.inputVolume else
+                _("Give the server's URL.") if remote and not p.serverUrl else _("Installing, please wait."))
 
-    def fillDeviceComboBox(self) -> None:
-        """Devices torch sees here (only "Automatic" until torch is installed)."""
-        found = None
-        try:
-            found = devices()
-        except Exception as exc:  # a broken torch install must not break the panel
-            logging.warning(f"SwinUNETRSegment: cannot list devices: {exc}")
-        qtutils.fillComboBox(self.ui.deviceComboBox, panel.device_choices(found))
-        self.updateGuiFromParameterNode()
+    def tokenKey(self) -> str:
+        from SwinUNETRSegmentSlicer.controller import server_key
+
+        return self.TOKEN_KEY + server_key(self._parameterNode.serverUrl or "")
+
+    def onTokenEdited(self) -> None:
+        if self._parameterNode and self._parameterNode.serverUrl:
+            self.settings[self.tokenKey()] = self.ui.serverTokenLineEdit.text.strip()
 
     def onModelChanged(self, index) -> None:
         name = self.ui.modelComboBox.itemData(index)
@@ -226,118 +231,118 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and self.ui.deviceComboBox.itemData(index):
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
 
+    def onRunOnChanged(self, index) -> None:
+        if self._parameterNode and self.ui.runOnComboBox.itemData(index):
+            self._parameterNode.runOn = self.ui.runOnComboBox.itemData(index)
+
     # ---- running ------------------------------------------------------------------------
+    def where(self):
+        """Where this run goes; None when the user said no to sending the scan to the server."""
+        p = self._parameterNode
+        if p.runOn != "server":
+            return Where()
+        url = p.serverUrl.strip()
+        if self.consent.needed(url):
+            if not slicer.util.confirmOkCancelDisplay(
+                _("The scan will be sent to {url} to be segmented there. Send scans to this server?").format(url=url),
+                windowTitle=_("SwinUNETR Segment: send the scan to a server"),
+            ):
+                return None
+            self.consent.approve(url)
+        return Where(url, self.settings.get(self.tokenKey(), "") or None)
+
     def onApplyButton(self) -> None:
-        """Apply starts a run off the GUI thread; while it runs the same button cancels it."""
-        if self._job is not None:
-            self._job.cancel()
+        """Apply starts a run in the engine; while it runs the same button cancels it."""
+        controller = self.logic.controller
+        if controller.running:
+            controller.cancel()
             self.ui.applyButton.enabled = False
             self.ui.applyButton.text = _("Cancelling...")
             return
+        if not controller.canApply:  # the dependency install pumps events: a second click lands here
+            return
         p = self._parameterNode
-        if self.logic.usesCatalogModels:
-            from SwinUNETRSegmentSlicer.install import ensureDependencies
-
-            if not qtutils.guarded(
-                _("Cannot install what the module needs."), ensureDependencies, self.resourcePath("requirements.txt")
-            ):
+        with slicer.util.tryWithErrorDisplay(_("Cannot start the segmentation."), waitCursor=True):
+            where = self.where()
+            if where is None:
                 return
-            if self.ui.deviceComboBox.count == 1:
-                self.fillDeviceComboBox()  # torch was just installed
-        url = self.logic.weightsToDownload(p.model)
-        if url and not slicer.util.confirmOkCancelDisplay(
-            _("The weights of this model are not on this computer yet. Download them now from {url}?").format(url=url),
-            windowTitle=_("SwinUNETR Segment: download model"),
-        ):
-            return
-        job = qtutils.guarded(
-            _("Cannot start the segmentation."),
-            self.logic.startSegmentation,
-            p.inputVolume,
-            p.model,
-            p.device,
-            p.overlap,
-            p.swBatchSize,
-            p.keepModelLoaded,
-            bool(url),
-        )
-        if not job:
-            return
-        self._job = job
-        self._run = {
-            "inputVolumeID": p.inputVolume.GetID(),
-            "outputSegmentationID": p.outputSegmentation.GetID() if p.outputSegmentation else None,
-            "policy": MergePolicy(update_unedited=p.updateUnedited, replace_edited=p.replaceEdited),
-            "keepModelLoaded": p.keepModelLoaded,
-        }
-        self.setRunning(True)
-        self._pollTimer.start()
+            if where.server is None and not self.installDependencies():
+                return
+            url = self.logic.weightsToDownload(p.model, where)
+            if url and not slicer.util.confirmOkCancelDisplay(
+                _("The weights of this model are not on this computer yet. Download them now from {url}?").format(
+                    url=url), windowTitle=_("SwinUNETR Segment: download model")):
+                return
+            policy = MergePolicy(update_unedited=p.updateUnedited, replace_edited=p.replaceEdited)
+            if self.logic.startSegmentation(p.inputVolume, p.outputSegmentation, p.model, p.device, p.overlap,
+                                            p.swBatchSize, p.keepModelLoaded, policy, where, bool(url)):
+                self.setRunning(True)
+                self._timer.start()
 
-    def onPollJob(self) -> None:
-        """Main thread, every 100 ms while a run is going: show progress, then write or report."""
-        if self._job is None:
-            self._pollTimer.stop()
-            return
-        for event in self._job.poll():
+    def installDependencies(self) -> bool:
+        """torch and the engine's packages, Apply disabled meanwhile (the install pumps the event loop)."""
+        from SwinUNETRSegmentSlicer.install import ensureDependencies
+
+        self.ui.applyButton.enabled = False
+        self.ui.statusLabel.text = _("Checking the Python packages the engine needs...")
+        try:
+            return self.logic.controller.install(lambda: ensureDependencies(self.resourcePath("requirements.txt")))
+        finally:
+            self.ui.statusLabel.text = ""
+            self.updateGuiFromParameterNode()
+
+    def onTick(self) -> None:
+        """Main thread, every 20 ms while a run goes: progress, then write or report."""
+        controller = self.logic.controller
+        for event in controller.tick():
             if event.kind == PROGRESS:
-                self.ui.progressBar.value = panel.progress_percent(event.value)
+                self.ui.progressBar.value = controller.percent
                 self.ui.statusLabel.text = panel.progress_text(event.value)
+            elif event.kind == INFO:
+                self.fillDevices(panel.engine_devices(event.value))
             elif event.kind == DONE:
-                self._pollTimer.stop()
                 self.ui.statusLabel.text = panel.STAGE_TEXT["writing"]
-                # Let the label repaint before the (main-thread) MRML update starts.
-                qt.QTimer.singleShot(50, lambda result=event.value: self.writeResult(result))
+                self.writeResult(event.value)
             elif event.kind == CANCELLED:
                 self.endRun(_("Cancelled. Nothing was changed."))
             elif event.kind == ERROR:
                 self.endRun(_("Failed: {reason}").format(reason=event.value))
-                qtutils.showError(_("Segmentation failed."), event.value, event.detail)
+                qtutils.showError(_("Segmentation failed."), event.value)
+        if not controller.busy:
+            self._timer.stop()
 
-    def writeResult(self, result) -> None:
-        run = self._run
-        if self._job.cancel_event.is_set():  # Cancel clicked after the last window
-            self.endRun(_("Cancelled. Nothing was changed."))
-            return
-        inputVolume = slicer.mrmlScene.GetNodeByID(run["inputVolumeID"])
-        if inputVolume is None:
-            self.endRun(_("The input volume was removed while the model ran. Nothing was written."))
-            return
-        output = slicer.mrmlScene.GetNodeByID(run["outputSegmentationID"]) if run["outputSegmentationID"] else None
-        written = qtutils.guarded(
-            _("Cannot write the segments."), self.logic.writeResult, result, inputVolume, output, run["policy"]
-        )
-        if written:
-            segmentationNode, steps = written
-            self._resultNodeID, self._resultVolumeID = segmentationNode.GetID(), inputVolume.GetID()
-            self.ui.progressBar.value = 100
-            self.endRun(panel.finished_text(summarize(steps), self._job.elapsed, str(result.device)))
-        else:
+    def fillDevices(self, devices) -> None:
+        if devices and self.ui.deviceComboBox.count != len(devices) + 1:
+            qtutils.fillComboBox(self.ui.deviceComboBox, panel.device_choices(devices))
+            self.updateGuiFromParameterNode()
+
+    def writeResult(self, engineResult) -> None:
+        elapsed = self.logic.controller.elapsed
+        written = qtutils.guarded(_("Cannot write the segments."), self.logic.writeResult, engineResult)
+        if not written:
             self.endRun(_("Nothing was written."))
+            return
+        segmentationNode, steps = written
+        inputVolume = segmentationNode.GetNodeReference(
+            slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+        self._resultNodeID = segmentationNode.GetID()
+        self._resultVolumeID = inputVolume.GetID() if inputVolume else None
+        qtutils.showInViews(inputVolume)
+        self.ui.progressBar.value = 100
+        self.endRun(panel.finished_text(summarize(steps), elapsed, engineResult.device))
 
     def endRun(self, message: str) -> None:
-        self._pollTimer.stop()
-        keep = self._run is None or self._run["keepModelLoaded"]
-        self._job = None
-        self._run = None
-        if not keep:
-            self.logic.releaseModel()  # the network goes with the finished job; give its memory back
         self.ui.statusLabel.text = message
         slicer.util.showStatusMessage(f"SwinUNETR Segment: {message}", 5000)
         self.setRunning(False)
 
     def setRunning(self, running: bool) -> None:
-        for widget in (
-            self.ui.inputsCollapsibleButton,
-            self.ui.outputsCollapsibleButton,
-            self.ui.advancedCollapsibleButton,
-        ):
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
+                       self.ui.advancedCollapsibleButton):
             widget.enabled = not running
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.toolTip = (
-            _("Stop after the sliding window that is running; nothing is written.")
-            if running
-            else _("Segment the input volume.")
-        )
+            _("Stop the run; nothing is written.") if running else _("Segment the input volume."))
         self.ui.applyButton.enabled = True
         self.ui.progressBar.visible = running or self.ui.progressBar.value == 100
         if running:
@@ -349,10 +354,10 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onOpenSegmentEditor(self) -> None:
         node = slicer.mrmlScene.GetNodeByID(self._resultNodeID) if self._resultNodeID else None
         if node:
-            mrml.openSegmentEditor(node, slicer.mrmlScene.GetNodeByID(self._resultVolumeID))
+            qtutils.openSegmentEditor(node, slicer.mrmlScene.GetNodeByID(self._resultVolumeID))
 
     def isRunning(self) -> bool:
-        return self._job is not None
+        return self.logic.controller.running
 
 
 #
@@ -360,116 +365,17 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class SwinUNETRSegmentLogic(ScriptedLoadableModuleLogic):
-    """Runs a model on a volume node and writes a segmentation node; usable without the GUI:
+class SwinUNETRSegmentLogic(SegmentationLogic, ScriptedLoadableModuleLogic):
+    """Runs a model in the engine process on a volume node and writes a segmentation node;
+    usable without the GUI (``logic.process(volumeNode)``). The work is in
+    SwinUNETRSegmentSlicer/logic.py (no Qt: tested on slicer-core)."""
 
-        logic = SwinUNETRSegmentLogic()
-        segmentationNode = logic.process(volumeNode, None, model="btcv", device="auto")
-
-    :param segmenterFactory: ``factory(model, device, overlap, swBatchSize)`` returning an
-      object with the :class:`SwinUNETRSegmentLib.engine.Segmenter` interface. None: the
-      catalog's models (needs torch and MONAI). Tests pass stand-ins.
-    """
-
-    def __init__(self, segmenterFactory=None) -> None:
+    def __init__(self, controller=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.models = ModelCache(segmenterFactory or catalog_segmenter)
-        self._cards = {}
-        self.lastMergeSteps = []
-
-    @property
-    def usesCatalogModels(self) -> bool:
-        return self.models.factory is catalog_segmenter
+        SegmentationLogic.__init__(self, controller)
 
     def getParameterNode(self):
         return SwinUNETRSegmentParameterNode(super().getParameterNode())
-
-    def modelCard(self, name):
-        if name not in self._cards:
-            self._cards[name] = card_of(name)
-        return self._cards[name]
-
-    def availableModels(self):
-        """[(name, card)] of the catalog models that load."""
-        found = catalog_models()
-        self._cards.update(found)
-        return found
-
-    def weightsToDownload(self, model):
-        """The URL of ``model``'s weights when they are not on this machine yet, else None."""
-        return weights_url(self.modelCard(model)) if self.usesCatalogModels else None
-
-    def releaseModel(self) -> None:
-        """Forget the model kept loaded and give its GPU memory back."""
-        self.models.release()
-
-    def startSegmentation(
-        self,
-        inputVolume,
-        model=DEFAULT_MODEL,
-        device="auto",
-        overlap=None,
-        swBatchSize=None,
-        keepModelLoaded=True,
-        downloadWeights=False,
-    ):
-        """Start the model on a worker thread (downloading its weights first if asked);
-        returns the :class:`InferenceJob`.
-
-        The volume is copied here, on the main thread; the worker sees only the copy.
-        """
-        if not inputVolume:
-            raise UserError("select an input volume")
-        volume = mrml.volumeFromNode(inputVolume)
-        models = self.models
-        segmenter = None if downloadWeights else models.get(model, device, overlap, swBatchSize, keep=keepModelLoaded)
-
-        def work(progress, cancel):
-            if downloadWeights:
-                download(model, progress=download_progress(progress, cancel))
-            current = segmenter or models.get(model, device, overlap, swBatchSize, keep=keepModelLoaded)
-            return current.segment(volume, progress=progress, cancel=cancel)
-
-        return InferenceJob(work).start()
-
-    def writeResult(self, result, inputVolume, outputSegmentation=None, policy=MergePolicy(), show=True):
-        """Write a run's labels; returns (segmentation node, merge steps). Main thread only."""
-        if outputSegmentation is None:
-            outputSegmentation = mrml.createSegmentationNode(inputVolume, f"{inputVolume.GetName()} {result.card.name}")
-        steps = mrml.writeSegments(outputSegmentation, result, inputVolume, policy)
-        self.lastMergeSteps = steps
-        if show:
-            mrml.showSegmentation(outputSegmentation, inputVolume)
-        return outputSegmentation, steps
-
-    def process(
-        self,
-        inputVolume,
-        outputSegmentation=None,
-        model=DEFAULT_MODEL,
-        device="auto",
-        overlap=None,
-        swBatchSize=None,
-        updateUnedited=False,
-        replaceEdited=False,
-        keepModelLoaded=True,
-        showResult=True,
-        downloadWeights=True,
-    ):
-        """Segment ``inputVolume`` and write into ``outputSegmentation`` (None: a new node); returns the node.
-
-        Blocks until done (scripts and tests); the widget runs the same steps off the GUI thread.
-        Missing weights are downloaded first when ``downloadWeights`` (the GUI asks instead).
-        """
-        fetch = downloadWeights and bool(self.weightsToDownload(model))
-        job = self.startSegmentation(inputVolume, model, device, overlap, swBatchSize, keepModelLoaded, fetch)
-        final = job.wait()[-1]
-        if final.kind == ERROR:
-            raise final.value
-        if final.kind != DONE:
-            raise RuntimeError("segmentation cancelled")
-        policy = MergePolicy(update_unedited=updateUnedited, replace_edited=replaceEdited)
-        return self.writeResult(final.value, inputVolume, outputSegmentation, policy, show=showResult)[0]
 
 
 #
@@ -478,8 +384,7 @@ class SwinUNETRSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class SwinUNETRSegmentTest(SelfTests, ScriptedLoadableModuleTest):
-    """Runs the Apply path on a synthetic scan: segment names, geometry, a second run that keeps
-    an edited segment, Apply/Cancel on the panel, and the real engine when torch is installed.
-    The test methods are in SwinUNETRSegmentSlicer/selftest.py."""
+    """Apply on an oblique sample through the local engine, Cancel, and a re-run that keeps an
+    edited segment. The test methods are in SwinUNETRSegmentSlicer/selftest.py."""
 
     logicClass = SwinUNETRSegmentLogic

@@ -1,6 +1,7 @@
 """The Slicer module's logic that runs without Slicer: what the panel shows (progress, time
-left, devices, models), the segment table, the worker thread and its queue, which model
-stays loaded, what gets installed, and the packaging (CMake lists, index entry, .ui)."""
+left, devices, models), the segment table, what gets installed, and the packaging (CMake
+lists, index entry, .ui). The engine runs, the controller and the MRML work have their own
+test_slicer_*.py files."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import dataclasses
 import json
 import re
 import sys
-import threading
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from SwinUNETRSegmentLib.merge import mask_stamp
 from SwinUNETRSegmentLib.models.cards import load_card
 from SwinUNETRSegmentLib.progress import Progress
 from SwinUNETRSegmentSlicer import panel, segments  # noqa: E402
-from SwinUNETRSegmentSlicer.models import ModelCache, catalog_models, devices, download_progress, weights_url  # noqa: E402
+from SwinUNETRSegmentSlicer.models import catalog_models, download_progress, weights_url  # noqa: E402
 from SwinUNETRSegmentSlicer.testing import (  # noqa: E402
     LIVER,
     SPLEEN,
@@ -37,7 +36,6 @@ from SwinUNETRSegmentSlicer.testing import (  # noqa: E402
     oracle_segmenter,
     synthetic_scan,
 )
-from SwinUNETRSegmentSlicer.worker import CANCELLED, DONE, ERROR, PROGRESS, InferenceJob  # noqa: E402
 
 
 # ---- progress and time left -----------------------------------------------------------
@@ -65,6 +63,8 @@ def test_progress_bar_stays_within_0_and_100():
 
 
 def test_download_reports_megabytes_and_time_left_and_stops_on_cancel():
+    import threading
+
     reports, now = [], [100.0]
     cancel = threading.Event()
     cb = download_progress(reports.append, cancel, clock=lambda: now[0])
@@ -105,12 +105,6 @@ def test_device_selector_on_this_machine():
     choices = panel.device_choices(available_devices())
     assert choices[0][0] == "auto" and choices[-1] == ("cpu", "CPU (slow)")
     assert len(choices) == len(available_devices()) + 1
-
-
-def test_devices_are_listed_only_with_a_usable_torch(monkeypatch):
-    assert devices()[-1] == ("cpu", "CPU")
-    monkeypatch.setattr(req, "torch_problem", lambda *args: "PyTorch is not installed")
-    assert devices() is None  # and torch is not imported to find out
 
 
 def test_models_offered_are_the_catalog_s_without_a_broken_user_card(tmp_path, monkeypatch, caplog):
@@ -193,118 +187,39 @@ def test_stamps_written_equal_stamps_of_the_same_mask_exported_later():
     assert stamps[LIVER] != mask_stamp(exported)
 
 
-# ---- the worker thread ------------------------------------------------------------------------
+# ---- the stand-ins the tests use -----------------------------------------------------------------
 def scan_volume() -> tuple[Volume, np.ndarray]:
     arr, ijk_to_ras = synthetic_scan()
     return Volume.from_kji(arr, ijk_to_ras), expected_labels_kji(arr)
 
 
-def drain(job: InferenceJob, timeout: float = 60.0):
-    """What the panel's QTimer does: poll every few ms until the final event."""
-    events, deadline = [], time.monotonic() + timeout
-    while not job.finished and time.monotonic() < deadline:
-        events += job.poll()
-        time.sleep(0.005)
-    assert job.finished, "the job did not finish"
-    return events
-
-
-def test_job_reports_progress_then_the_labels_on_the_input_grid():
+def test_the_stand_in_segmenter_reports_windows_and_answers_on_the_input_grid():
     volume, expected = scan_volume()
-    segmenter = ThresholdSegmenter(windows=4)
-    events = drain(InferenceJob(lambda progress, cancel: segmenter.segment(volume, progress, cancel)).start())
-    kinds = [e.kind for e in events]
-    assert kinds[-1] == DONE and kinds.count(DONE) == 1
-    windows = [e.value.message for e in events if e.kind == PROGRESS and e.value.stage == "inference"]
-    assert windows == [f"window {n} of 4" for n in range(5)]
-    result = events[-1].value
+    reports = []
+    result = ThresholdSegmenter(windows=4).segment(volume, reports.append)
+    assert [p.message for p in reports if p.stage == "inference"] == [f"window {n} of 4" for n in range(5)]
     assert result.labels.same_grid(volume)
     np.testing.assert_array_equal(result.labels.kji(), expected)
 
 
-def test_poll_never_waits_for_the_worker():
-    release = threading.Event()
-    job = InferenceJob(lambda progress, cancel: release.wait(10)).start()
-    t0 = time.perf_counter()
-    assert job.poll() == []
-    assert time.perf_counter() - t0 < 0.05
-    assert not job.finished
-    release.set()
-    assert [e.kind for e in drain(job)] == [DONE]
+def test_the_stand_in_segmenter_stops_on_cancel():
+    import threading
+
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CancelledError):
+        ThresholdSegmenter(windows=3).segment(scan_volume()[0], cancel=cancel)
 
 
-def test_cancel_stops_the_run_and_nothing_comes_back():
-    volume, _ = scan_volume()
-    segmenter = ThresholdSegmenter(windows=200, seconds_per_window=0.01)
-    job = InferenceJob(lambda progress, cancel: segmenter.segment(volume, progress, cancel)).start()
-    time.sleep(0.1)
-    job.cancel()
-    assert job.cancelling
-    t0 = time.monotonic()
-    events = drain(job)
-    assert time.monotonic() - t0 < 1.0  # within a window or two, not the 2 s of the whole run
-    assert events[-1].kind == CANCELLED
-    assert DONE not in [e.kind for e in events]
-
-
-def test_a_result_that_arrives_after_cancel_is_not_written():
-    done_computing = threading.Event()
-
-    def work(progress, cancel):
-        done_computing.wait(5)
-        return "labels"
-
-    job = InferenceJob(work).start()
-    job.cancel()
-    done_computing.set()
-    assert [e.kind for e in drain(job)] == [CANCELLED]
-
-
-def test_an_error_in_the_worker_reaches_the_gui_thread_with_its_traceback():
-    def work(progress, cancel):
-        raise ValueError("CUDA out of memory")
-
-    (event,) = drain(InferenceJob(work).start())
-    assert event.kind == ERROR and isinstance(event.value, ValueError)
-    assert "CUDA out of memory" in event.detail and "Traceback" in event.detail
-
-
-def test_the_real_engine_through_the_worker_finds_the_self_test_s_organs():
-    """The oracle network the Slicer self-test relies on gives spleen and liver where they are."""
+def test_the_real_engine_finds_the_self_test_s_organs():
+    """The oracle network gives spleen and liver where they are (MONAI preprocessing, windows, way back)."""
     pytest.importorskip("monai")
     volume, expected = scan_volume()
-    segmenter = oracle_segmenter()
-    events = drain(InferenceJob(lambda progress, cancel: segmenter.segment(volume, progress, cancel)).start())
-    assert events[-1].kind == DONE, events[-1].detail
-    labels = events[-1].value.labels
-    assert labels.same_grid(volume)
-    np.testing.assert_array_equal(labels.kji(), expected)  # the card has the scan's voxel size: no resampling error
-    assert any(e.kind == PROGRESS and e.value.stage == "inference" and e.value.total > 1 for e in events)
-
-
-# ---- which model stays loaded ---------------------------------------------------------------
-def test_same_settings_reuse_the_loaded_model_other_settings_replace_it():
-    made = []
-
-    def factory(model, device, overlap, sw_batch_size):
-        made.append((model, device, overlap, sw_batch_size))
-        return object()
-
-    cache = ModelCache(factory)
-    first = cache.get("btcv", "cpu", 0.5, 4)
-    assert cache.get("btcv", "cpu", 0.5, 4) is first and len(made) == 1
-    second = cache.get("btcv", "cpu", 0.25, 4)  # other overlap: a new segmenter, the old one let go
-    assert second is not first and cache.kept is second and len(made) == 2
-
-
-def test_untick_keep_model_loaded_and_nothing_stays_in_memory():
-    cache = ModelCache(lambda *settings: object())
-    first = cache.get("btcv", keep=True)
-    again = cache.get("btcv", keep=False)
-    assert again is first and cache.kept is None
-    assert cache.get("btcv") is not first
-    cache.release()
-    assert cache.kept is None
+    reports = []
+    result = oracle_segmenter().segment(volume, reports.append)
+    assert result.labels.same_grid(volume)
+    np.testing.assert_array_equal(result.labels.kji(), expected)  # the card has the scan's voxel size: exact
+    assert any(p.stage == "inference" and p.total > 1 for p in reports)
 
 
 # ---- what gets installed ------------------------------------------------------------------------
@@ -312,12 +227,10 @@ REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
 PINS = {
     "monai": "1.6.1",
     "einops": "0.8.2",
-    "nibabel": "5.4.2",
-    "pydicom": "3.0.2",
     "slicerio": "1.4.0",
     "pynrrd": "1.1.3",
-    "tqdm": "4.70.1",
-    "platformdirs": "4.14.8",
+    "fastapi": "0.165.0",
+    "uvicorn": "0.54.0",
 }
 
 
@@ -437,8 +350,9 @@ def test_the_module_loads_before_torch_and_monai_are_installed():
         f"sys.path.insert(0, {str(MODULE_DIR)!r})\n"
         "import SwinUNETRSegmentLib.models.catalog, SwinUNETRSegmentLib.inference.engine\n"
         "import SwinUNETRSegmentLib.merge, SwinUNETRSegmentLib.requirements\n"
-        "import SwinUNETRSegmentSlicer.panel, SwinUNETRSegmentSlicer.segments, SwinUNETRSegmentSlicer.worker\n"
-        "import SwinUNETRSegmentSlicer.models, SwinUNETRSegmentSlicer.testing\n"
+        "import SwinUNETRSegmentSlicer.panel, SwinUNETRSegmentSlicer.segments, SwinUNETRSegmentSlicer.controller\n"
+        "import SwinUNETRSegmentSlicer.models, SwinUNETRSegmentSlicer.testing, SwinUNETRSegmentSlicer.download\n"
+        "import SwinUNETRSegmentSlicer.enginerun, SwinUNETRSegmentSlicer.nbhttp, SwinUNETRSegmentSlicer.packages\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -446,7 +360,8 @@ def test_the_module_loads_before_torch_and_monai_are_installed():
 
 def test_the_engine_never_imports_slicer_and_the_pure_glue_neither():
     pure = [*(MODULE_DIR / "SwinUNETRSegmentLib").glob("*.py")] + [
-        MODULE_DIR / "SwinUNETRSegmentSlicer" / f"{n}.py" for n in ("panel", "segments", "worker", "testing", "models")
+        MODULE_DIR / "SwinUNETRSegmentSlicer" / f"{n}.py"
+        for n in ("panel", "segments", "testing", "models", "packages", "nbhttp", "enginerun", "download", "controller")
     ]
     for path in pure:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -501,5 +416,5 @@ def test_every_widget_the_module_uses_is_in_the_ui_file_and_parameters_match():
     params = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "SwinUNETRSegmentParameterNode")
     fields = {n.target.id for n in params.body if isinstance(n, ast.AnnAssign)}
     assert set(bound.values()) <= fields
-    # model and device: combos filled and synced by hand; modelSettingsApplied: no widget
-    assert set(bound.values()) == fields - {"model", "device", "modelSettingsApplied"}
+    # model, device, runOn: combos filled and synced by hand; modelSettingsApplied: no widget
+    assert set(bound.values()) == fields - {"model", "device", "runOn", "modelSettingsApplied"}

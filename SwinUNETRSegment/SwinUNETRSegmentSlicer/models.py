@@ -1,22 +1,23 @@
-"""The models and devices the panel offers, which segmenter a run uses, and which one stays
-loaded between runs ("Keep the model loaded"). No Slicer here."""
+"""The models the panel offers and where their weights come from. No Slicer, no torch: the
+panel builds this in Slicer's own Python, with only the packages Slicer ships.
+
+A model is offered when its weights are on this machine, or when they can be downloaded
+and verified: the card names a URL and the checksum its publisher gives. A model whose
+publisher gives no checksum and whose weights are not here is left out (its weights can be
+installed from a copy the user trusts with ``swinunetr-segment models download NAME
+--sha256 HASH`` or ``models install``; then it is offered).
+"""
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
-from typing import Any, Callable, Hashable, Optional
+from typing import Callable, Optional
 
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
-from SwinUNETRSegmentLib.inference.api import SegmenterProtocol
 from SwinUNETRSegmentLib.models.cards import ModelCard
 from SwinUNETRSegmentLib.progress import Progress, ProgressCallback
-
-#: ``factory(model, device, overlap, sw_batch_size)`` -> a segmenter
-#: (:class:`~SwinUNETRSegmentLib.inference.api.SegmenterProtocol`).
-SegmenterFactory = Callable[[str, str, Optional[float], Optional[int]], SegmenterProtocol]
 
 
 def catalog_models() -> list[tuple[str, ModelCard]]:
@@ -32,44 +33,60 @@ def catalog_models() -> list[tuple[str, ModelCard]]:
     return models
 
 
-def weights_url(card: ModelCard) -> Optional[str]:
-    """Where to download ``card``'s weights from when they are not on this machine yet; None when
-    they are (or when the card names no URL: running then says how to install them)."""
+def publisher_checksum(card: ModelCard) -> Optional[str]:
+    """The checksum (``sha256`` or ``md5``) the card's publisher gives for its weights, None without one."""
+    from SwinUNETRSegmentLib.models.catalog import CHECKSUMS
+
+    for algo in CHECKSUMS:
+        if card.checkpoint.get(algo):
+            return algo
+    return None
+
+
+def weights_here(card: ModelCard) -> bool:
     from SwinUNETRSegmentLib.models.catalog import is_installed
 
-    return None if is_installed(card) else card.checkpoint.get("url") or None
+    try:
+        return is_installed(card)
+    except UserError:
+        return False
 
 
-def devices() -> Optional[list[tuple[str, str]]]:
-    """(device, name) torch can use here, best first; None while no usable torch is installed
-    (checked from package metadata, so a missing torch is never imported)."""
-    from SwinUNETRSegmentLib.requirements import torch_problem
-
-    if torch_problem() is not None:
+def weights_url(card: ModelCard) -> Optional[str]:
+    """Where the panel may download ``card``'s weights from: None when they are here already,
+    or when they cannot be verified after download (no URL, or no publisher checksum)."""
+    if weights_here(card):
         return None
-    from SwinUNETRSegmentLib.inference.devices import available_devices
+    url = card.checkpoint.get("url") or None
+    return url if url and publisher_checksum(card) else None
 
-    return available_devices()
+
+def offered_models() -> list[tuple[str, ModelCard]]:
+    """The models the panel lists: weights here, or downloadable and verifiable."""
+    offered = []
+    for name, card in catalog_models():
+        if weights_here(card) or weights_url(card):
+            offered.append((name, card))
+        else:
+            logging.info(f"SwinUNETRSegment: model '{name}' not offered: its weights are not here and its "
+                         "publisher gives no checksum to verify a download against")
+    return offered
 
 
-def catalog_segmenter(
-    model: str, device: str = "auto", overlap: Optional[float] = None, sw_batch_size: Optional[int] = None
-):
-    """The engine's Segmenter for catalog model ``model`` (UserError when its weights are missing)."""
-    from SwinUNETRSegmentLib.inference.engine import Segmenter
-    from SwinUNETRSegmentLib.models.catalog import resolve_model
+def default_model(offered: list[tuple[str, ModelCard]]) -> Optional[str]:
+    """The catalog's default model when offered, else the first offered one."""
+    from SwinUNETRSegmentLib.models.catalog import DEFAULT_MODEL
 
-    card, weights = resolve_model(model)
-    return Segmenter(card, weights, device=device, overlap=overlap, sw_batch_size=sw_batch_size)
+    names = [name for name, _ in offered]
+    return DEFAULT_MODEL if DEFAULT_MODEL in names else (names[0] if names else None)
 
 
 def download_progress(
     progress: ProgressCallback, cancel: Optional[threading.Event] = None, clock: Callable[[], float] = time.monotonic
 ) -> Callable[[int, Optional[int]], None]:
-    """A ``progress(bytes_done, bytes_total)`` callback for :func:`SwinUNETRSegmentLib.catalog.download`
-    that reports :class:`Progress` (stage "downloading weights", MB done, time left from the
-    rate so far) and stops the download, by raising CancelledError, once ``cancel`` is set.
-    """
+    """A ``progress(bytes_done, bytes_total)`` callback that reports :class:`Progress` (stage
+    "downloading weights", MB done, time left from the rate so far) and raises
+    CancelledError once ``cancel`` is set."""
     start = clock()
 
     def report(done: int, total: Optional[int]) -> None:
@@ -83,49 +100,3 @@ def download_progress(
         progress(Progress("downloading weights", (done / total) if total else 0.0, left, mb, done, total or 0))
 
     return report
-
-
-class ModelCache:
-    """Keeps at most one segmenter (and so one network in memory) between runs.
-
-    A run with the same settings as the kept segmenter reuses it, so its network is not
-    loaded again; any other settings release it first, so two models never sit in GPU
-    memory together.
-    """
-
-    def __init__(self, factory: SegmenterFactory = catalog_segmenter):
-        self.factory = factory
-        self._key: Optional[Hashable] = None
-        self._kept: Any = None
-
-    @property
-    def kept(self) -> Any:
-        return self._kept
-
-    def get(
-        self,
-        model: str,
-        device: str = "auto",
-        overlap: Optional[float] = None,
-        sw_batch_size: Optional[int] = None,
-        keep: bool = True,
-    ):
-        """The segmenter for these settings; remembered for the next run when ``keep``."""
-        key = (model, device, overlap, sw_batch_size)
-        if self._kept is not None and self._key == key:
-            segmenter = self._kept
-        else:
-            self.release()
-            segmenter = self.factory(model, device, overlap, sw_batch_size)
-        if keep:
-            self._key, self._kept = key, segmenter
-        else:
-            self._key, self._kept = None, None
-        return segmenter
-
-    def release(self) -> None:
-        """Forget the kept segmenter; CUDA memory no network uses any more goes back to the driver."""
-        self._key, self._kept = None, None
-        torch = sys.modules.get("torch")  # never import torch just for this
-        if torch is not None and torch.cuda.is_available():
-            torch.cuda.empty_cache()

@@ -23,6 +23,11 @@ import numpy as np
 import slicer
 import vtk
 
+try:  # Slicer's application
+    import vtkSegmentationCorePython as vtkSegmentationCore
+except ImportError:  # slicer-core (the tests): the same classes in the slicer package
+    vtkSegmentationCore = slicer
+
 from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentLib.inference.api import SegmentationResult
 from SwinUNETRSegmentLib.merge import (
@@ -41,6 +46,15 @@ from .segments import SegmentSpec, labels_for_import, present_values, segment_id
 
 #: The one volume class the model takes: its subclasses are labelmaps, vector, tensor and diffusion volumes.
 SCALAR_VOLUME = "vtkMRMLScalarVolumeNode"
+
+
+def firstScalarVolume(scene):
+    """The first scan in ``scene`` the model can take (never a labelmap or vector volume), or None."""
+    for index in range(scene.GetNumberOfNodesByClass(SCALAR_VOLUME)):
+        node = scene.GetNthNodeByClass(index, SCALAR_VOLUME)
+        if node.GetClassName() == SCALAR_VOLUME and node.GetImageData() is not None:
+            return node
+    return None
 
 
 def checkInputVolume(volumeNode) -> None:
@@ -156,7 +170,7 @@ def prepareSegmentationNode(segmentationNode, inputVolume) -> None:
     (for example imported models), which labels cannot be merged into.
     """
     segmentation = segmentationNode.GetSegmentation()
-    binaryLabelmap = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    binaryLabelmap = vtkSegmentationCore.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
     empty = segmentation.GetNumberOfSegments() == 0
     if empty:
         segmentationNode.SetSourceRepresentationToBinaryLabelmap()
@@ -299,7 +313,7 @@ def exportLabels(segmentationNode, referenceVolume, segmentIds=None) -> np.ndarr
         ids.InsertNextValue(segmentId)
     labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__SwinUNETRSegment_export__")
     try:
-        extent = slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+        extent = vtkSegmentationCore.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
         logic = slicer.vtkSlicerSegmentationsModuleLogic
         if not logic.ExportSegmentsToLabelmapNode(segmentationNode, ids, labelmapNode, referenceVolume, extent):
             raise RuntimeError("exporting the segments failed")

@@ -11,6 +11,10 @@ from SwinUNETRSegmentLib.progress import Progress, format_seconds
 #: How each engine stage reads in the panel.
 STAGE_TEXT = {
     "downloading weights": "Downloading the model's weights",
+    "starting engine": "Starting the engine",
+    "uploading": "Sending the volume to the engine",
+    "queued": "Waiting for the engine",
+    "receiving": "Receiving the segments",
     "loading model": "Loading the model",
     "reading": "Reading the volume",
     "preprocessing": "Preparing the volume",
@@ -34,7 +38,7 @@ def progress_text(p: Progress) -> str:
     text = STAGE_TEXT.get(p.stage, p.stage[:1].upper() + p.stage[1:])
     if p.stage == "inference" and p.total:
         text += f": window {p.done} of {p.total}"
-    elif p.stage == "downloading weights" and p.message:
+    elif p.stage in ("downloading weights", "uploading", "queued") and p.message and p.message != p.stage:
         text += f": {p.message}"
     left = time_left_text(p.seconds_left)
     return f"{text}, {left}" if left else text
@@ -58,6 +62,13 @@ def device_choices(devices: Optional[Sequence[tuple[str, str]]]) -> list[tuple[s
     items = [("auto", f"Automatic ({_device_label(*best)})")]
     items += [(dev, _device_label(dev, name)) for dev, name in devices]
     return items
+
+
+def engine_devices(info: Optional[dict]) -> Optional[list[tuple[str, str]]]:
+    """(device, name) pairs of an engine's ``GET /info`` answer (best first); None without any."""
+    found = [(str(d.get("device")), str(d.get("name", d.get("device")))) for d in (info or {}).get("devices") or []
+             if isinstance(d, dict) and d.get("device")]
+    return found or None
 
 
 def _device_label(device: str, name: str) -> str:

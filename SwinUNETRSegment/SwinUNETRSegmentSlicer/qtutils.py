@@ -1,9 +1,10 @@
-"""Small Qt helpers of the panel: filling and selecting combo boxes, showing errors."""
+"""Small Qt helpers of the panel: combo boxes, errors, settings, the views and Segment Editor."""
 
 from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import MutableMapping
 
 import qt
 import slicer
@@ -50,3 +51,40 @@ def guarded(message: str, func, *args):
     except Exception as exc:
         showError(message, exc, traceback.format_exc())
         return None
+
+
+class SettingsStore(MutableMapping):
+    """Slicer's application settings (``qt.QSettings``) as a mapping of strings."""
+
+    def __init__(self):
+        self._settings = qt.QSettings()
+
+    def __getitem__(self, key):
+        if not self._settings.contains(key):
+            raise KeyError(key)
+        return self._settings.value(key)
+
+    def __setitem__(self, key, value):
+        self._settings.setValue(key, value)
+
+    def __delitem__(self, key):
+        self._settings.remove(key)
+
+    def __iter__(self):
+        return iter(self._settings.allKeys())
+
+    def __len__(self):
+        return len(self._settings.allKeys())
+
+
+def showInViews(inputVolume) -> None:
+    slicer.util.setSliceViewerLayers(background=inputVolume)
+
+
+def openSegmentEditor(segmentationNode, inputVolume) -> None:
+    """Switch to Segment Editor with this segmentation and its volume selected."""
+    slicer.util.selectModule("SegmentEditor")
+    editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+    editor.setSegmentationNode(segmentationNode)
+    if inputVolume:
+        editor.setSourceVolumeNode(inputVolume)

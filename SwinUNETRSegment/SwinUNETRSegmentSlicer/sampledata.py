@@ -11,13 +11,16 @@ ABDOMEN_CT_SHA256 = "e16eae0ae6fefa858c5c11e58f0f1bb81834d81b7102e021571056324ef
 
 
 def registerSampleData():
-    """Register the sample in the "SwinUNETR Segment" category of the Sample Data module."""
+    """Register the sample in a "SwinUNETR Segment" section of the Sample Data module.
+
+    Only ``registerCustomSampleDataSource`` (Slicer 5.10 and newer): its ``category`` is the
+    section's title. ``registerCustomSampleDataCategory`` exists from Slicer 5.12 only.
+    """
     import SampleData
 
     iconsPath = os.path.join(os.path.dirname(os.path.dirname(__file__)), "Resources", "Icons")
-    SampleData.SampleDataLogic.registerCustomSampleDataCategory("SwinUNETRSegment", title=_("SwinUNETR Segment"))
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="SwinUNETRSegment",
+        category=_("SwinUNETR Segment"),
         sampleName="SwinUNETRAbdomenCT",
         thumbnailFileName=os.path.join(iconsPath, "SwinUNETRSegment.png"),
         uris=slicer.util.TESTING_DATA_URL + "SHA256/" + ABDOMEN_CT_SHA256,

@@ -1,10 +1,10 @@
 """Stand-ins for the self-tests: a synthetic scan and segmenters whose answer is known.
 
-:class:`ThresholdSegmenter` needs neither torch nor MONAI, so the Slicer self-test can
-drive the whole Apply path (worker thread, queue, timer, segment writing, merging) on any
-Slicer build. :func:`oracle_segmenter` runs the real engine (MONAI preprocessing,
-sliding windows, resampling back) with a network whose output is known, when torch and
-MONAI are installed.
+:class:`ThresholdSegmenter` (a :class:`~SwinUNETRSegmentLib.inference.api.SegmenterProtocol`)
+needs neither torch nor MONAI: the quick tests drive the MRML writing and merging with it
+(and a fake engine server answers with its labels). :func:`oracle_segmenter` runs the real
+engine (MONAI preprocessing, sliding windows, resampling back) with a network whose output
+is known, when torch and MONAI are installed.
 """
 
 from __future__ import annotations
