@@ -291,15 +291,16 @@ class RemoteJob:
         self.status = JobStatus.from_dict(self.client.json("GET", f"/jobs/{self.id}"))
         return self.status
 
-    def cancel(self) -> None:
-        """Ask the server to stop the job (it stops within one window); never raises."""
+    def cancel(self) -> Optional[JobStatus]:
+        """Ask the server to stop the job (it stops within one window); its status then, or
+        None (not submitted yet: it is cancelled once it is; or the server is gone). Never raises."""
         self._cancel = True
         if self.id is None:
-            return
+            return None
         try:
-            self.client.call("POST", f"/jobs/{self.id}/cancel", timeout=READ_TIMEOUT)
+            return JobStatus.from_dict(self.client.json("POST", f"/jobs/{self.id}/cancel", timeout=READ_TIMEOUT))
         except ServiceError:
-            pass
+            return None
 
     def result(self, keep: bool = False) -> RemoteResult:
         """The labels of a done job (the server then drops it, unless ``keep``)."""

@@ -194,8 +194,9 @@ class JobManager:
         with self._lock:
             waiting = sum(1 for j in self._jobs.values() if j.state == QUEUED)
             if waiting >= self.max_queue:
-                raise Busy(f"the server is busy: {waiting} jobs wait already; try again in a minute",
-                           self._retry_after())
+                retry = self._retry_after()
+                raise Busy(f"the server is busy (its queue of {self.max_queue} is full); try again in about {retry} s",
+                           retry)
             job = Job(owner, options, volume, card, weights, device)
             self._jobs[job.id] = job
             self._queue(device).put(job)

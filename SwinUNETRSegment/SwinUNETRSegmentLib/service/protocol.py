@@ -26,11 +26,10 @@ token, 404 unknown job or model (naming the known ones), 409 not finished, 413 u
 the limit, 422 a volume or option the engine rejects (the command line's message), 503
 queue full (with ``Retry-After``).
 
-Volumes travel as NRRD (``NRRD0004``, space ``right-anterior-superior``, attached data,
-``raw`` or ``gzip``; any NRRD reader, Slicer's included, opens them). The codec is written
-here by hand on the standard library and numpy, not with pynrrd: the client runs inside
-3D Slicer's Python, which ships neither pynrrd nor nibabel. Matrices are written with
-``repr`` of each float, so that a volume's geometry arrives bit for bit.
+Volumes travel as NRRD (``NRRD0004``, space ``right-anterior-superior``, attached ``raw`` or
+``gzip`` data: Slicer opens them). The codec is written here by hand on the standard library
+and numpy, not with pynrrd: the client runs in 3D Slicer's Python, which ships neither pynrrd
+nor nibabel. Each float is written with ``repr``: a volume's geometry arrives bit for bit.
 """
 
 from __future__ import annotations
@@ -227,8 +226,9 @@ _MEMBER = 16 << 20
 def encode_nrrd(array: np.ndarray, ijk_to_ras: np.ndarray, level: int = 1) -> bytes:
     """A 3D ``array`` indexed ``[i, j, k]`` with its IJK-to-RAS matrix as NRRD bytes.
 
-    ``level`` 0 writes the voxels raw (fastest on loopback), 1..9 gzip them; the gzip
-    stream is a series of members compressed in parallel (valid gzip, any reader opens it).
+    ``level`` 0 writes the voxels raw (fastest on loopback), 1..9 gzip them: one member per
+    16 MiB, compressed in parallel (concatenated members are valid gzip; zlib, ITK and Slicer
+    read them all, pynrrd only the first: it reads volumes under 16 MiB).
     """
     a = np.asarray(array)
     m = np.asarray(ijk_to_ras, dtype=np.float64)
