@@ -227,6 +227,7 @@ REQUIREMENTS = MODULE_DIR / "Resources" / "requirements.txt"
 PINS = {
     "monai": "1.6.1",
     "einops": "0.8.2",
+    "nibabel": "5.4.2",
     "slicerio": "1.4.0",
     "pynrrd": "1.1.3",
     "fastapi": "0.165.0",
