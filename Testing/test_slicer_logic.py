@@ -419,3 +419,21 @@ def test_every_widget_the_module_uses_is_in_the_ui_file_and_parameters_match():
     assert set(bound.values()) <= fields
     # model, device, runOn: combos filled and synced by hand; modelSettingsApplied: no widget
     assert set(bound.values()) == fields - {"model", "device", "runOn", "modelSettingsApplied"}
+
+
+def test_slicer_s_process_starts_no_thread_and_imports_no_torch():
+    """The Slicer side hands all work to the engine process: no thread, no torch or MONAI (the
+    test stand-ins in testing.py may import torch for the oracle network; the module never calls it)."""
+    for path in SLICER_SIDE:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("Thread", "ThreadPoolExecutor", "start_new_thread"):
+                raise AssertionError(f"{path.name}:{node.lineno} starts a thread ({node.attr})")
+            if isinstance(node, ast.ImportFrom) and node.module in ("threading", "concurrent.futures", "_thread"):
+                names = {a.name for a in node.names}
+                assert not names & {"Thread", "ThreadPoolExecutor", "start_new_thread"}, f"{path.name} imports {names}"
+            if path.name != "testing.py" and isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for name in modules:
+                    assert name.split(".")[0] not in ("torch", "monai"), f"{path.name} imports {name}"
+                    assert not name.startswith("SwinUNETRSegmentLib.inference.engine"), f"{path.name} imports {name}"
