@@ -165,7 +165,9 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         p = self._parameterNode
         if not p.inputVolume:
-            p.inputVolume = mrml.firstScalarVolume(slicer.mrmlScene)  # never a labelmap or vector volume
+            firstVolumeNode = mrml.firstScalarVolume(slicer.mrmlScene)  # never a labelmap or vector volume
+            if firstVolumeNode:
+                p.inputVolume = firstVolumeNode
         if not p.modelSettingsApplied and p.model in self.logic.modelNames():
             self.applyModelSettings()
 

@@ -39,7 +39,7 @@ TOKEN = "secret-token"
 class FakeEngine:
     """The service's routes, answering each request only after ``delay`` seconds."""
 
-    def __init__(self, delay: float = 0.0, windows: int = 3):
+    def __init__(self, delay: float = 0.0, windows: int = 3, tls=None):
         self.delay, self.windows = delay, windows
         self.jobs: dict[str, dict] = {}
         self.cancelled: list[str] = []
@@ -116,7 +116,10 @@ class FakeEngine:
                 return self.reply(404, {"detail": "Not Found"})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self):
@@ -241,3 +244,24 @@ def test_labels_on_another_grid_are_refused():
     result = enginerun.EngineResult(expected.transpose(2, 1, 0), shifted, {"card": load_card("btcv").to_json()})
     with pytest.raises(UserError, match="another grid"):
         result.segmentation(ijk_to_ras)
+
+
+def test_a_server_over_https_is_checked_against_its_ca(tmp_path):
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    arr, ijk_to_ras, expected = scan()
+    with FakeEngine(tls=context) as engine:
+        events = Timer(EngineRun(RemoteEndpoint(engine.url, TOKEN, verify=str(ca_file)), arr, ijk_to_ras,
+                                 JobOptions(), poll_interval=0.02)).until_final()
+        assert events[-1].kind == DONE, events[-1].value
+        np.testing.assert_array_equal(events[-1].value.segmentation(ijk_to_ras).labels.kji(), expected)
+        refused = Timer(EngineRun(RemoteEndpoint(engine.url, TOKEN, verify=True), arr, ijk_to_ras,
+                                  JobOptions())).until_final()
+    assert refused[-1].kind == ERROR and "TLS with" in str(refused[-1].value)
+    assert "REQUESTS_CA_BUNDLE" in str(refused[-1].value)
