@@ -265,3 +265,17 @@ def test_a_server_over_https_is_checked_against_its_ca(tmp_path):
                                   JobOptions())).until_final()
     assert refused[-1].kind == ERROR and "TLS with" in str(refused[-1].value)
     assert "REQUESTS_CA_BUNDLE" in str(refused[-1].value)
+
+
+def test_a_large_result_is_decoded_a_piece_per_tick():
+    """Labels that are mostly background compress a thousandfold: no tick inflates them all at once."""
+    arr = np.zeros((160, 512, 512), np.uint8)  # 42 MB of voxels, 42 MB of labels back
+    arr[40:120, 100:400, 100:400] = 120
+    with FakeEngine(windows=1) as engine:
+        run = EngineRun(RemoteEndpoint(engine.url, TOKEN), arr, np.eye(4), JobOptions(), poll_interval=0.01)
+        timer = Timer(run, interval=0.0)
+        events = timer.until_final(timeout=120)
+    assert events[-1].kind == DONE, events[-1].value
+    assert timer.longest < 0.05, f"a tick took {timer.longest * 1000:.0f} ms"
+    labels = events[-1].value.segmentation(np.eye(4)).labels.kji()
+    np.testing.assert_array_equal(labels, expected_labels_kji(arr))

@@ -25,8 +25,9 @@ from urllib.parse import urlsplit
 
 from SwinUNETRSegmentLib.service.client import ServiceError
 
-#: Bytes handed to a response's sink per call, so that one call stays short.
-SINK_PIECE = 1 << 18
+#: Bytes handed to a response's sink per call, so that one call stays short (gzip of labels that are mostly
+#: background expands up to a thousandfold).
+SINK_PIECE = 1 << 14
 #: Bytes read from or written to the socket per call.
 IO_PIECE = 1 << 20
 
