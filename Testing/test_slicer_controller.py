@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_slicer_support import MODULE_DIR  # noqa: F401  (puts the module folder on sys.path)
+from test_slicer_support import frozen_gc
 
 from SwinUNETRSegmentLib.models.cards import load_card
 from SwinUNETRSegmentLib.progress import Progress
@@ -193,11 +193,12 @@ def user_card(home: Path, name: str, url: str, sha256: str) -> None:
 
 def follow(download, timeout=60):
     events, longest, deadline = [], 0.0, time.monotonic() + timeout
-    while not download.finished and time.monotonic() < deadline:
-        t0 = time.perf_counter()
-        events += download.tick()
-        longest = max(longest, time.perf_counter() - t0)
-        time.sleep(0.01)
+    with frozen_gc():
+        while not download.finished and time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            events += download.tick()
+            longest = max(longest, time.perf_counter() - t0)
+            time.sleep(0.01)
     events += download.tick()
     return events, longest
 

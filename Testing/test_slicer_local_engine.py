@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from test_slicer_support import import_slicer, mrml_scene
+from test_slicer_support import frozen_gc, import_slicer, mrml_scene
 
 slicer = import_slicer()
 
@@ -54,11 +54,12 @@ def run_once(engine, node):
     run = EngineRun(LocalEndpoint(engine), array_kji, snapshot.ijkToRas, JobOptions(model="demo", device="cpu"))
     events, longest = [], 0.0
     deadline = time.monotonic() + 300
-    while not run.finished and time.monotonic() < deadline:
-        t0 = time.perf_counter()
-        events += run.tick()
-        longest = max(longest, time.perf_counter() - t0)
-        time.sleep(0.01)
+    with frozen_gc():
+        while not run.finished and time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            events += run.tick()
+            longest = max(longest, time.perf_counter() - t0)
+            time.sleep(0.01)
     assert events and events[-1].kind == DONE, events[-1].value if events else "no events"
     return events[-1].value.segmentation(snapshot.ijkToRas), snapshot, longest
 
