@@ -220,12 +220,12 @@ class Client:
     def segment(self, array: Optional[np.ndarray] = None, ijk_to_ras: Optional[np.ndarray] = None,
                 path: Optional[str | Path] = None, options: Optional[JobOptions] = None,
                 progress: Optional[ProgressCallback] = None, cancel: Optional[threading.Event] = None,
-                poll_s: float = 0.2) -> RemoteResult:
+                poll_s: float = 0.2, compress: Optional[int] = None) -> RemoteResult:
         """Submit, poll until the end (reporting progress), fetch: the blocking way.
 
         Setting ``cancel`` (or Ctrl-C) cancels the job on the server.
         """
-        job = self.submit(array, ijk_to_ras, path, options)
+        job = self.submit(array, ijk_to_ras, path, options, compress)
         last = None
         try:
             while True:

@@ -122,6 +122,7 @@ class Job:
     labels: Optional[Volume] = None
     result: Optional[dict[str, Any]] = None
     forget: bool = False  # drop the job as soon as it stops (DELETE while running)
+    before: dict[str, float] = field(default_factory=dict)  # seconds spent before it was queued
 
     def on_progress(self, p: Progress) -> None:
         self.stage, self.message, self.fraction, self.seconds_left = p.stage, p.message, p.fraction, p.seconds_left
@@ -182,8 +183,9 @@ class JobManager:
         return catalog.resolve_model(name)
 
     # ---- jobs ---------------------------------------------------------------------
-    def submit(self, owner: str, options: JobOptions, volume: Volume) -> Job:
-        """Queue a job; the model, the device, the volume and the box are checked first."""
+    def submit(self, owner: str, options: JobOptions, volume: Volume, timings: Optional[dict] = None) -> Job:
+        """Queue a job; the model, the device, the volume and the box are checked first.
+        ``timings``: seconds the server spent on the job before (reading, receiving)."""
         import_engine()
         from SwinUNETRSegmentLib.inference.devices import resolve_device
 
@@ -197,7 +199,7 @@ class JobManager:
                 retry = self._retry_after()
                 raise Busy(f"the server is busy (its queue of {self.max_queue} is full); try again in about {retry} s",
                            retry)
-            job = Job(owner, options, volume, card, weights, device)
+            job = Job(owner, options, volume, card, weights, device, before=dict(timings or {}))
             self._jobs[job.id] = job
             self._queue(device).put(job)
         log.info("job %s queued on %s (%s, %s)", job.id, device, card.name, "x".join(map(str, volume.shape)))
@@ -386,7 +388,8 @@ def _summary(job: Job, result, labels: Volume, where) -> dict[str, Any]:
         "present": present_values(labels.array),
         "card": result.card.to_json(),
         "device": result.device,
-        "timings": {k: float(v) for k, v in result.timings.items()},
+        "timings": {**{k: float(v) for k, v in result.timings.items()}, **job.before,
+                    "queued": job.started - job.created},
         "stats": {k: v for k, v in result.stats.items() if isinstance(v, (int, float, str, bool, type(None)))},
         "shape": list(labels.shape),
         "box": None if where is None else [[s.start, s.stop] for s in where],

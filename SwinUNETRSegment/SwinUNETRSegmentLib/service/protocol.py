@@ -105,8 +105,7 @@ class JobOptions:
             object.__setattr__(self, "overlap", float(self.overlap))
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.sw_batch_size is not None and (isinstance(self.sw_batch_size, bool)
-                                               or not isinstance(self.sw_batch_size, int) or self.sw_batch_size < 1):
+        if self.sw_batch_size is not None and (type(self.sw_batch_size) is not int or self.sw_batch_size < 1):
             raise UserError(f"sw-batch-size must be at least 1, got {self.sw_batch_size!r}")
         if self.box is not None:
             object.__setattr__(self, "box", _box(self.box))
@@ -171,7 +170,8 @@ class JobStatus:
         created, started, finished: server times (seconds since the epoch), None until then.
         result: for a done job: ``segments`` (value, name, color 0..1, terminology of each
             card label), ``present`` (label values found), ``card`` (the card's JSON),
-            ``device``, ``timings``, ``stats``, ``shape``, ``box`` (voxel ranges run).
+            ``device``, ``timings`` (the engine's; ``read``/``receive``, ``queued``: the
+            server's), ``stats``, ``shape``, ``box`` (voxel ranges run).
     """
 
     id: str

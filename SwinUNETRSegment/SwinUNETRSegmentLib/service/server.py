@@ -13,6 +13,7 @@ its ``Content-Length`` says so.
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -110,9 +111,9 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
             raise HTTPFailure(404, f"no job {job_id} here (finished jobs are dropped once fetched, or "
                                    f"{manager.result_ttl_s:g} s after they end)") from None
 
-    def submit(who: str, options: JobOptions, volume: Volume) -> dict[str, Any]:
+    def submit(who: str, options: JobOptions, volume: Volume, timings: dict[str, float]) -> dict[str, Any]:
         try:
-            job = manager.submit(who, options, volume)
+            job = manager.submit(who, options, volume, timings)
         except UnknownModel as exc:
             raise HTTPFailure(404, str(exc)) from None
         except Busy as exc:
@@ -163,12 +164,13 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
         try:
             options = JobOptions.from_dict(body.get("options"))
             manager.resolve(options.model)  # an unknown model fails before the file is read
+            t = time.perf_counter()
             volume, _info = read_volume(Path(path), series_uid=series if isinstance(series, str) else None)
         except UnknownModel as exc:
             raise HTTPFailure(404, str(exc)) from None
         except UserError as exc:
             raise HTTPFailure(422, str(exc)) from None
-        return submit(who, options, volume)
+        return submit(who, options, volume, {"read": time.perf_counter() - t})
 
     @app.post("/jobs", status_code=202)
     async def submit_path(request: Request):
@@ -192,6 +194,7 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
         if length and length.isdigit() and int(length) > limit:
             raise HTTPFailure(413, _too_large(int(length), config.max_upload_mb))
         decoder, received, pending, size = NrrdDecoder(limit * MAX_EXPANSION), 0, [], 0
+        t = time.perf_counter()
         try:
             async for chunk in request.stream():
                 received += len(chunk)
@@ -212,7 +215,8 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
         except NrrdError as exc:
             raise HTTPFailure(422, f"the upload is no volume NRRD: {exc}") from None
         del decoder, pending
-        return await run_in_threadpool(submit, who, options, Volume(array, ijk_to_ras))
+        return await run_in_threadpool(submit, who, options, Volume(array, ijk_to_ras),
+                                       {"receive": time.perf_counter() - t})
 
     @app.get("/jobs/{job_id}")
     def status(request: Request, job_id: str):
