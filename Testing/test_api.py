@@ -77,9 +77,11 @@ def _sha(path: Path) -> str:
 def test_example_ct_outputs_are_byte_for_byte_those_before_the_redesign(tmp_path, reference_files):
     """The redesign moved code, not answers: on the example CT the command line writes the
     same .seg.nrrd (up to the date in its header), NIfTI and colour table as the engine
-    before it, on this machine. (The PNG preview is not compared: since issue 17 it draws
-    segments whose card colours are too close to tell apart in other colours, on purpose;
-    Testing/test_io_preview.py holds its reference.)"""
+    before it, on this machine, with the same model: the built-in model as it was then (its
+    card, which declares no post-processing, and its weights, from that commit). (The PNG
+    preview is not compared: since issue 17 it draws segments whose card colours are too
+    close to tell apart in other colours, on purpose; Testing/test_io_preview.py holds its
+    reference.)"""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("needs git and the repository's history")
     old = tmp_path / "code-before"
@@ -91,6 +93,8 @@ def test_example_ct_outputs_are_byte_for_byte_those_before_the_redesign(tmp_path
     old.mkdir()
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True, timeout=120)
     ct = reference_files / "example_ct.nii.gz"
+    lib = old / "SwinUNETRSegment" / "SwinUNETRSegmentLib"
+    model = ["--card", str(lib / "cards" / "demo.json"), "--checkpoint", str(lib / "weights" / "demo.pt")]
     outputs = {}
     for tag, pythonpath in (("before", old / "SwinUNETRSegment"), ("now", REPO / "SwinUNETRSegment")):
         folder = tmp_path / f"out-{tag}"
@@ -106,6 +110,7 @@ def test_example_ct_outputs_are_byte_for_byte_those_before_the_redesign(tmp_path
             "--preview",
             str(folder / "ct.png"),
             "-q",
+            *model,
         ]
         env = dict(os.environ, PYTHONPATH=str(pythonpath))
         run = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)

@@ -87,3 +87,24 @@ def test_the_demo_training_inputs_are_written_as_its_card_records(tmp_path, refe
     base = load_card(str(tmp_path / "base_card.json"))
     assert base.checkpoint == {} and base.network_args == catalog.card_of("demo").network_args
     assert {int(k): v for k, v in __import__("json").loads(label_map.read_text()).items()} == TOTALSEG_TO_BTCV
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_through_the_command_line_kidneys_are_on_their_sides_and_the_pelvis_is_clean(reference_files):
+    """What a user sees with `./dev demo` (benchmarks/demo_model.py, the command line on the
+    example CT): both kidneys found, each on its own side and with Dice >= 0.7, as many
+    structures as the card says, and no component over 1 cm^3 below the pelvic brim."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from demo_model import measure
+
+    card = catalog.card_of("demo")
+    r = measure(reference_files / "example_ct.nii.gz", reference_files / "example_seg_fast_force_split.nii.gz",
+                ["--model", "demo"], card)
+    assert r["kidneys_on_their_sides"] is True
+    assert r["dice"]["right kidney"] >= 0.7 and r["dice"]["left kidney"] >= 0.7, r["dice"]
+    assert len(r["found"]) >= len(card.training["found"]), r["found"]
+    assert r["pelvic_brim_z_mm"] is not None and r["components_over_1cm3_below_pelvic_brim"] == []
