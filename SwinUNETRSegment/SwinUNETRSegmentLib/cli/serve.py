@@ -174,7 +174,7 @@ def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> i
         try:
             while sys.stdin.buffer.read(4096):
                 pass
-        except (OSError, ValueError):
+        except Exception:  # no stdin at all (None), or closed: the parent is gone all the same
             pass
         server.should_exit = True  # the parent is gone (its end of the pipe closed)
 
