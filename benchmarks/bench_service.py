@@ -116,6 +116,9 @@ def main() -> None:
     p.add_argument("--gzip", type=int, default=0, help="the upload's gzip level (0: raw, what loopback gets)")
     p.add_argument("--tiny", action="store_true", help="a feature-12, 6 mm model with random weights instead")
     args = p.parse_args()
+    from SwinUNETRSegmentLib.inference.memory import reexec_with_allocator
+
+    reexec_with_allocator()  # this process on the allocator the engine process gets (jemalloc where installed)
 
     from inputs import make_input
 

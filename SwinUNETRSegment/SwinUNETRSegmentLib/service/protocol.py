@@ -14,8 +14,8 @@ Routes (every one but ``/health`` needs ``Authorization: Bearer <token>``):
 ``GET /jobs/{id}``          the job's :class:`JobStatus` (each poll renews the job's lease)
 ``POST /jobs/{id}/cancel``  stop it (within one window); the status stays readable
 ``DELETE /jobs/{id}``       stop it and forget it
-``GET /jobs/{id}/labels``   the labels on the input grid, a uint8 volume NRRD; the segment
-                            table is the status's ``result``
+``GET /jobs/{id}/labels``   the labels on the input grid, a uint8 volume NRRD (``?gzip=0``:
+                            raw); the segment table is the status's ``result``
 ``GET /jobs/{id}/seg.nrrd`` the Slicer ``.seg.nrrd`` file's bytes
 ==========================  =========================================================
 

@@ -244,9 +244,10 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
         return job, labels
 
     @app.get("/jobs/{job_id}/labels")
-    def labels(request: Request, job_id: str, keep: bool = False):
-        _job, labels = finished(request, job_id, keep)
-        return Response(encode_nrrd(labels.array, labels.ijk_to_ras, level=1), media_type=NRRD_MEDIA_TYPE)
+    def labels(request: Request, job_id: str, keep: bool = False, gzip: int = 1):
+        _job, labels = finished(request, job_id, keep)  # gzip=0: raw, for clients on loopback
+        level = min(9, max(0, gzip))
+        return Response(encode_nrrd(labels.array, labels.ijk_to_ras, level=level), media_type=NRRD_MEDIA_TYPE)
 
     @app.get("/jobs/{job_id}/seg.nrrd")
     def seg_nrrd(request: Request, job_id: str, keep: bool = False):
