@@ -15,7 +15,7 @@ from slicer.util import VTKObservationMixin
 from SwinUNETRSegmentLib.merge import MergePolicy, summarize
 from SwinUNETRSegmentLib.models.catalog import DEFAULT_MODEL
 from SwinUNETRSegmentSlicer import mrml, panel, qtutils
-from SwinUNETRSegmentSlicer.controller import CANCELLED, DONE, ERROR, INFO, PROGRESS, ServerConsent, Where
+from SwinUNETRSegmentSlicer.controller import CANCELLED, DONE, ERROR, INFO, MODELS, PROGRESS, ServerSettings
 from SwinUNETRSegmentSlicer.logic import SegmentationLogic
 from SwinUNETRSegmentSlicer.qtutils import SettingsStore
 from SwinUNETRSegmentSlicer.sampledata import registerSampleData
@@ -94,8 +94,6 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
 
-    TOKEN_KEY = "SwinUNETRSegment/ServerTokens/"
-
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -112,16 +110,13 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SwinUNETRSegmentLogic()
-        self.settings = SettingsStore()
-        self.consent = ServerConsent(self.settings)
+        self.servers = ServerSettings(SettingsStore())  # the tokens (never in the scene) and the yes per server
 
         # The engine runs in another process; this timer moves the run on a few ms at a time.
         self._timer = qt.QTimer()
         self._timer.setInterval(20)
         self._timer.connect("timeout()", self.onTick)
 
-        choices = [(name, card.title, panel.model_tooltip(card)) for name, card in self.logic.availableModels()]
-        qtutils.fillComboBox(self.ui.modelComboBox, choices)
         qtutils.fillComboBox(self.ui.deviceComboBox, panel.device_choices(None))
         qtutils.fillComboBox(self.ui.runOnComboBox, [("local", _("this computer")), ("server", _("a server"))])
         self.ui.progressBar.hide()
@@ -133,6 +128,7 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.runOnComboBox.connect("currentIndexChanged(int)", self.onRunOnChanged)
         self.ui.serverTokenLineEdit.connect("editingFinished()", self.onTokenEdited)
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.refreshModels)
         self.ui.segmentEditorButton.connect("clicked(bool)", self.onOpenSegmentEditor)
         self.initializeParameterNode()
 
@@ -156,6 +152,7 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._resultNodeID = None
         self.ui.segmentEditorButton.enabled = False
         self.setParameterNode(None)
+        self.refreshModels()  # none until the next scene's parameter node says where runs go
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -170,6 +167,7 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.inputVolume = firstVolumeNode
         if not p.modelSettingsApplied and p.model in self.logic.modelNames():
             self.applyModelSettings()
+        self.refreshModels()  # this computer's models, or the server's
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -191,14 +189,15 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if qtutils.selectComboData(self.ui.modelComboBox, p.model):
             self.ui.modelInfoLabel.text = panel.model_summary(self.logic.modelCard(p.model))
         elif self.ui.modelComboBox.count:
-            p.model = self.ui.modelComboBox.itemData(0)  # a model this machine does not offer
+            p.model = self.ui.modelComboBox.itemData(0)  # a model this machine (or the server) does not offer
+            self.applyModelSettings()
         qtutils.selectComboData(self.ui.runOnComboBox, p.runOn)
         remote = p.runOn == "server"
         for widget in (self.ui.serverUrlLabel, self.ui.serverUrlLineEdit, self.ui.serverTokenLabel,
                        self.ui.serverTokenLineEdit):
             widget.visible = remote
         if remote and not self.ui.serverTokenLineEdit.hasFocus():
-            self.ui.serverTokenLineEdit.text = self.settings.get(self.tokenKey(), "")
+            self.ui.serverTokenLineEdit.text = self.servers.token(p.serverUrl)
         if not self.logic.controller.running:
             ready = bool(p.inputVolume) and self.logic.controller.canApply and (not remote or bool(p.serverUrl))
             self.ui.applyButton.enabled = ready
@@ -206,14 +205,10 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 _("Select an input volume.") if not p.inputVolume else
                 _("Give the server's URL.") if remote and not p.serverUrl else _("Installing, please wait."))
 
-    def tokenKey(self) -> str:
-        from SwinUNETRSegmentSlicer.controller import server_key
-
-        return self.TOKEN_KEY + server_key(self._parameterNode.serverUrl or "")
-
     def onTokenEdited(self) -> None:
         if self._parameterNode and self._parameterNode.serverUrl:
-            self.settings[self.tokenKey()] = self.ui.serverTokenLineEdit.text.strip()
+            self.servers.setToken(self._parameterNode.serverUrl, self.ui.serverTokenLineEdit.text)
+            self.refreshModels()
 
     def onModelChanged(self, index) -> None:
         name = self.ui.modelComboBox.itemData(index)
@@ -236,22 +231,31 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onRunOnChanged(self, index) -> None:
         if self._parameterNode and self.ui.runOnComboBox.itemData(index):
             self._parameterNode.runOn = self.ui.runOnComboBox.itemData(index)
+            self.refreshModels()
+
+    def refreshModels(self) -> None:
+        """The model selector: this computer's models, or those the server serves (onTick brings them)."""
+        p = self._parameterNode
+        models = self.logic.listModels(self.servers.where(p.runOn, p.serverUrl) if p else None)
+        self.showModels(models or [], _("Asking the server for its models...") if models is None else "")
+        self._timer.start()  # it stops by itself once nothing is on its way
+
+    def showModels(self, models, note: str = "") -> None:
+        qtutils.fillComboBox(self.ui.modelComboBox, panel.model_choices(models))
+        self.updateGuiFromParameterNode()
+        self.ui.modelInfoLabel.text = note or self.ui.modelInfoLabel.text
 
     # ---- running ------------------------------------------------------------------------
     def where(self):
         """Where this run goes; None when the user said no to sending the scan to the server."""
-        p = self._parameterNode
-        if p.runOn != "server":
-            return Where()
-        url = p.serverUrl.strip()
-        if self.consent.needed(url):
+        where = self.servers.where(self._parameterNode.runOn, self._parameterNode.serverUrl)
+        if where.server is not None and self.servers.consent.needed(where.server):
             if not slicer.util.confirmOkCancelDisplay(
-                _("The scan will be sent to {url} to be segmented there. Send scans to this server?").format(url=url),
-                windowTitle=_("SwinUNETR Segment: send the scan to a server"),
-            ):
+                _("The scan will be sent to {url} to be segmented there. Send scans to this server?").format(
+                    url=where.server), windowTitle=_("SwinUNETR Segment: send the scan to a server")):
                 return None
-            self.consent.approve(url)
-        return Where(url, self.settings.get(self.tokenKey(), "") or None)
+            self.servers.consent.approve(where.server)
+        return where
 
     def onApplyButton(self) -> None:
         """Apply starts a run in the engine; while it runs the same button cancels it."""
@@ -302,6 +306,9 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = panel.progress_text(event.value)
             elif event.kind == INFO:
                 self.fillDevices(panel.engine_devices(event.value))
+            elif event.kind == MODELS:  # the server's answer to refreshModels
+                why = event.value.error and _("No model: {reason}").format(reason=event.value.error)
+                self.showModels(self.logic.useModels(event.value), why or "")
             elif event.kind == DONE:
                 self.ui.statusLabel.text = panel.STAGE_TEXT["writing"]
                 self.writeResult(event.value)

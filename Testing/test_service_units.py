@@ -305,3 +305,41 @@ def test_client_imports_with_only_slicers_packages():
     loaded = set(out.stdout.split())
     assert {"requests", "numpy", "SwinUNETRSegmentLib"} <= loaded
     assert not loaded & {"torch", "monai", "fastapi", "uvicorn", "nibabel", "nrrd", "slicerio", "platformdirs"}
+
+
+# ---- the local engine's address, without waiting ------------------------------------------
+def test_local_engine_endpoint_is_none_while_it_starts_then_its_url_and_token(tmp_path):
+    """What the Slicer side reads instead of the engine's files: never waits, None until the
+    child listens, then a URL and token the child accepts; EngineStopped with the reason once
+    it is gone (killed) or was stopped."""
+    import requests
+
+    from SwinUNETRSegmentLib.service.client import EngineStopped, LocalEngine
+
+    engine = LocalEngine(python=sys.executable, env={"SWINUNETR_SEGMENT_HOME": str(tmp_path / "home")})
+    with pytest.raises(EngineStopped, match="not running"):
+        engine.endpoint()
+    try:
+        engine.start()
+        answers, deadline = [], time.monotonic() + 120
+        while not answers or answers[-1] is None:
+            assert time.monotonic() < deadline, f"no endpoint; engine log: {engine.log_path.read_text()[-2000:]}"
+            t0 = time.perf_counter()
+            answers.append(engine.endpoint())
+            assert time.perf_counter() - t0 < 0.05, "endpoint() waited"
+            time.sleep(0.02)
+        assert answers[0] is None  # the child's Python had not even started
+        url, token = answers[-1]
+        assert url.startswith("http://127.0.0.1:") and len(token) >= 32
+        r = requests.get(url + "/models", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert r.status_code == 200 and isinstance(r.json(), list)
+        assert requests.get(url + "/models", headers={"Authorization": "Bearer x" + token}, timeout=30).status_code \
+            == 401
+        engine.process.kill()
+        engine.process.wait(30)
+        with pytest.raises(EngineStopped, match="killed by SIGKILL"):
+            engine.endpoint()
+    finally:
+        engine.stop()
+    with pytest.raises(EngineStopped, match="not running"):
+        engine.endpoint()

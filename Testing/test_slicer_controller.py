@@ -2,8 +2,9 @@
 the progress bar never restarts after a weights download, Apply does nothing while the
 packages install, a scan goes to a server only after one yes per server, the engine is let
 go on cleanup() and when "Keep the model loaded" is off, the weights download runs in a
-child process the timer follows, and models whose publisher gives no checksum are not
-offered for download."""
+child process the timer follows, models whose publisher gives no checksum are not offered
+for download, and when "Run on" is a server the model list is the one a real
+`swinunetr-segment serve` answers (its served models and their cards), asked without waiting."""
 
 from __future__ import annotations
 
@@ -222,3 +223,99 @@ def test_a_tampered_download_is_an_error_and_leaves_nothing(tmp_path, weights_se
     events, _ = follow(WeightsDownload("mine", env={"SWINUNETR_SEGMENT_HOME": str(home)}))
     assert events[-1].kind == ERROR and "the card expects" in str(events[-1].value)
     assert not list((home / "models").rglob("*.pt"))
+
+
+# ---- a server's model list -------------------------------------------------------------------
+def serve_tiny(tmp_path_factory, tiny_checkpoint):
+    """A real `swinunetr-segment serve` (test_service's) serving only 'tiny', a model this
+    computer's catalog lacks: (server, its card of 'tiny'); a generator for a fixture."""
+    from test_service import home_card, make_home, start_server
+
+    home = make_home(tmp_path_factory.mktemp("model-server"), tiny_checkpoint)
+    server = start_server(home, "--models", "tiny")
+    yield server, home_card(home)[0]
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory, tiny_checkpoint):
+    yield from serve_tiny(tmp_path_factory, tiny_checkpoint)
+
+
+def list_models(c: ctl.Controller, where, timeout: float = 60.0):
+    """Tick ``c`` as the panel's timer does until it stops; every event and the longest tick."""
+    c.listModels(where)
+    events, longest, deadline = [], 0.0, time.monotonic() + timeout
+    with frozen_gc():
+        while c.busy and time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            events += c.tick()
+            longest = max(longest, time.perf_counter() - t0)
+            time.sleep(0.01)
+    assert not c.busy, "the model list did not come"
+    return events, longest
+
+
+def test_the_model_list_of_a_server_is_the_server_s_own(model_server, tmp_path, monkeypatch):
+    server, card = model_server
+    monkeypatch.setenv("SWINUNETR_SEGMENT_HOME", str(tmp_path / "here"))
+    assert "tiny" not in dict(models.offered_models())  # so the list below can only come from the server
+    catalog = {m["name"]: m for m in server.client().models()}
+    assert catalog["tiny"]["served"] and not catalog["btcv"]["served"]  # the server knows more than it serves
+    events, longest = list_models(ctl.Controller(localEngine=lambda create=True: None),
+                                  ctl.Where(server.url, server.token))
+    assert [e.kind for e in events] == [ctl.MODELS] and longest < 0.05
+    answer = events[0].value
+    assert answer.error is None and answer.server == server.url and answer.leftOut == ()
+    assert [name for name, _ in answer.models] == ["tiny"]
+    assert answer.models[0][1].to_json() == card.to_json()  # the server's card, labels and all
+    assert panel.model_choices(answer.models) == [("tiny", card.title, panel.model_tooltip(card))]
+
+
+def test_a_server_s_model_list_that_cannot_be_had_is_one_line(model_server):
+    server, _ = model_server
+    c = ctl.Controller(localEngine=lambda create=True: None)
+    (wrong,), _ = list_models(c, ctl.Where(server.url, "x" * 43))
+    assert wrong.kind == ctl.MODELS and wrong.value.models == ()
+    assert wrong.value.error.startswith("cannot list the server's models: wrong token")
+    url = f"http://127.0.0.1:{free_port()}"
+    (gone,), _ = list_models(c, ctl.Where(url, "token"))
+    assert "cannot reach the engine at " + url in gone.value.error and "Connection refused" in gone.value.error
+    (bad,), _ = list_models(c, ctl.Where("gpu.example:8443", "token"))
+    assert "is not http(s)://HOST:PORT" in bad.value.error
+    for answer in (wrong, gone, bad):
+        assert "\n" not in answer.value.error
+
+
+def test_a_new_question_or_this_computer_drops_the_one_on_its_way(model_server):
+    server, _ = model_server
+    c = ctl.Controller(localEngine=lambda create=True: None)
+    c.listModels(ctl.Where(server.url, server.token))
+    assert c.busy
+    c.listModels(ctl.THIS_COMPUTER)  # "Run on" went back to this computer before the answer
+    assert not c.busy and c.tick() == []
+    c.listModels(ctl.Where(server.url, "x" * 43))  # a wrong token, then the right one before the answer
+    events, _ = list_models(c, ctl.Where(server.url, server.token))
+    assert len(events) == 1 and events[0].value.error is None
+    assert [name for name, _ in events[0].value.models] == ["tiny"]
+
+
+def test_server_fields_keep_one_token_per_server_and_say_where_a_run_goes():
+    store = {}
+    servers = ctl.ServerSettings(store)
+    servers.setToken("https://GPU.example:8443/", " secret ")
+    assert servers.token("https://gpu.example:8443") == "secret" and servers.token("https://other:8443") == ""
+    assert store == {"SwinUNETRSegment/ServerTokens/https://gpu.example:8443": "secret"}  # the key the panel used
+    assert servers.where("server", " https://gpu.example:8443 ") == ctl.Where("https://gpu.example:8443", "secret")
+    assert servers.where("server", "https://other:8443") == ctl.Where("https://other:8443", None)
+    assert servers.where("local", "https://gpu.example:8443") == ctl.THIS_COMPUTER
+    assert servers.where("server", "  ") == ctl.THIS_COMPUTER
+    assert servers.consent.needed("https://gpu.example:8443")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

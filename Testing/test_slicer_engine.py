@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_slicer_support import frozen_gc
+from test_slicer_support import MODULE_DIR, frozen_gc
 
 from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentLib.geometry import Volume
@@ -205,6 +205,41 @@ def test_no_tick_waits_for_a_slow_server_and_the_labels_arrive_on_the_input_grid
     np.testing.assert_array_equal(result.labels.kji(), expected)
     assert result.card.name == "btcv" and engine.jobs["job1"]["options"]["model"] == "btcv"
 
+
+
+class StartingEngine:
+    """What LocalEndpoint may use of the service's LocalEngine: ``alive``, ``start()`` and
+    ``endpoint()`` (None for the first few calls, as while the child starts). No files."""
+
+    def __init__(self, url: str, starting_calls: int = 5):
+        self.url, self.left, self.started, self.calls = url, starting_calls, 0, 0
+
+    alive = property(lambda self: self.started > 0)
+
+    def start(self) -> None:
+        self.started += 1
+
+    def endpoint(self):
+        self.calls += 1
+        self.left -= 1
+        return None if self.left >= 0 else (self.url, TOKEN)
+
+
+def test_the_local_endpoint_takes_the_engine_s_address_from_its_endpoint_method_only():
+    arr, ijk_to_ras, expected = scan()
+    with FakeEngine() as server:
+        engine = StartingEngine(server.url)
+        run = EngineRun(enginerun.LocalEndpoint(engine), arr, ijk_to_ras, JobOptions(model="btcv"),
+                        poll_interval=0.01)
+        timer = Timer(run)
+        events = timer.until_final()
+    assert events[-1].kind == DONE, events[-1].value
+    assert engine.started == 1 and engine.calls >= 6  # asked again on later ticks while it started
+    assert timer.longest < 0.05
+    np.testing.assert_array_equal(events[-1].value.segmentation(ijk_to_ras).labels.kji(), expected)
+    readers = [f.name for f in (MODULE_DIR / "SwinUNETRSegmentSlicer").glob("*.py")
+               if any(word in f.read_text(encoding="utf-8") for word in ("ready.json", "log_path", '"token"'))]
+    assert readers == [], "the Slicer side reads the engine's files; use LocalEngine.endpoint()"
 
 def test_a_large_upload_is_sent_a_piece_per_tick(monkeypatch):
     """gzip to a server, compressed a piece at a time: no tick compresses the whole volume."""

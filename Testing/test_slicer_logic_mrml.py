@@ -2,7 +2,8 @@
 (the fake one of test_slicer_engine, answering with the stand-in's labels): a run from a
 volume node to a segmentation node, a second run that keeps an edited segment, a run whose
 input shows another frame when the labels come back (nothing written), a removed output,
-and the panel's default input that is never a labelmap or a vector volume."""
+the panel's default input that is never a labelmap or a vector volume, and the model list:
+this computer's catalog, or a real server's models with the server's own cards."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from test_slicer_controller import serve_tiny
 from test_slicer_engine import TOKEN, FakeEngine
 from test_slicer_support import GRIDS, add_transform, import_slicer, mrml_scene, rotation
 
@@ -17,14 +19,20 @@ slicer = import_slicer()
 
 from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentSlicer import mrml
-from SwinUNETRSegmentSlicer.controller import DONE, Controller, Where
+from SwinUNETRSegmentSlicer.controller import DONE, MODELS, THIS_COMPUTER, Controller, Where
 from SwinUNETRSegmentSlicer.logic import SegmentationLogic
+from SwinUNETRSegmentSlicer.servermodels import ModelList
 from SwinUNETRSegmentSlicer.testing import LIVER, SPLEEN, expected_labels_kji, synthetic_scan
 
 
 @pytest.fixture
 def scene():
     yield from mrml_scene()
+
+
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory, tiny_checkpoint):
+    yield from serve_tiny(tmp_path_factory, tiny_checkpoint)
 
 
 @pytest.fixture
@@ -135,3 +143,27 @@ def test_a_labelmap_given_as_input_is_refused_before_anything_runs(scene, engine
     with pytest.raises(UserError, match="is a labelmap"):
         logic.process(labels, where=where, downloadWeights=False)
     assert engine.uploads == 0 and logic.controller.canApply
+
+
+def test_the_model_list_is_this_computer_s_or_the_server_s_with_its_cards(model_server, tmp_path, monkeypatch,
+                                                                          caplog):
+    server, card = model_server
+    monkeypatch.setenv("SWINUNETR_SEGMENT_HOME", str(tmp_path / "here"))
+    logic = SegmentationLogic(Controller(localEngine=lambda create=True: None))
+    here = dict(logic.listModels(THIS_COMPUTER))
+    assert "demo" in here and "tiny" not in here
+    with pytest.raises(UserError, match="tiny"):
+        logic.modelCard("tiny")  # not in this computer's catalog
+    assert logic.listModels(Where(server.url, server.token)) is None  # the answer comes on a later tick
+    deadline, events = time.monotonic() + 60, []
+    while not events and time.monotonic() < deadline:
+        events = [e for e in logic.controller.tick() if e.kind == MODELS]
+        time.sleep(0.01)
+    assert events, "no answer from the server"
+    listed = logic.useModels(events[0].value)
+    assert [name for name, _ in listed] == ["tiny"]
+    assert logic.modelCard("tiny").to_json() == card.to_json()  # what the panel's summary and settings read
+    assert logic.weightsToDownload("tiny", Where(server.url, server.token)) is None  # the server has its weights
+    with caplog.at_level("WARNING"):
+        assert logic.useModels(ModelList(server.url, (), None, ("big: network 'x' is not supported",))) == []
+    assert f"{server.url}: model big: network 'x' is not supported" in caplog.text

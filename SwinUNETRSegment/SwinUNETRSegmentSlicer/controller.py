@@ -1,7 +1,8 @@
 """What the panel does between clicks, without Qt: one run at a time (the weights download,
 then the engine), the progress bar that never goes back, Apply refused while the packages
-install, the question asked once per server before a scan leaves this computer, and the
-engine let go when the module is reloaded or "Keep the model loaded" is off.
+install, the question asked once per server before a scan leaves this computer, a server's
+model list asked for without waiting, and the engine let go when the module is reloaded or
+"Keep the model loaded" is off.
 
 The widget calls :meth:`Controller.tick` from a QTimer and shows what it returns.
 """
@@ -16,8 +17,11 @@ from urllib.parse import urlsplit
 from SwinUNETRSegmentLib.progress import Progress
 
 from .enginerun import CANCELLED, DONE, ERROR, INFO, PROGRESS, EngineRun, JobEvent, LocalEndpoint, RemoteEndpoint
+from .servermodels import ServerModels
 
 IDLE, INSTALLING, RUNNING = "idle", "installing", "running"
+#: the event of :meth:`Controller.listModels`' answer (value: a :class:`.servermodels.ModelList`)
+MODELS = "models"
 #: share of the progress bar the weights download takes when a run starts with one
 DOWNLOAD_SHARE = 0.3
 
@@ -62,6 +66,29 @@ class Where:
 THIS_COMPUTER = Where()
 
 
+class ServerSettings:
+    """The server fields kept in ``store`` (the panel: QSettings): one token per server, never
+    in the scene, and the user's yes per server (:attr:`consent`)."""
+
+    TOKEN_KEY = "SwinUNETRSegment/ServerTokens/"
+
+    def __init__(self, store: MutableMapping[str, Any]):
+        self.store, self.consent = store, ServerConsent(store)
+
+    def token(self, url: str) -> str:
+        return str(self.store.get(self.TOKEN_KEY + server_key(url or ""), "") or "")
+
+    def setToken(self, url: str, token: str) -> None:
+        self.store[self.TOKEN_KEY + server_key(url)] = token.strip()
+
+    def where(self, runOn: str, url: str) -> Where:
+        """Where "Run on" points: the server (``url``, its token) or this computer; asks nothing."""
+        url = (url or "").strip()
+        if runOn != "server" or not url:
+            return THIS_COMPUTER
+        return Where(url, self.token(url) or None)
+
+
 class Controller:
     """One run at a time on the local engine or a server.
 
@@ -85,6 +112,7 @@ class Controller:
         self.keepLoaded = True
         self.remote = False
         self._startedAt = clock()
+        self._listing: Optional[ServerModels] = None  # a server's model list on its way
 
     # ---- state -----------------------------------------------------------------------------
     @property
@@ -127,6 +155,15 @@ class Controller:
             self._base, self._share = 0.0, 1.0
         return True
 
+    def listModels(self, where: Optional[Where]) -> None:
+        """Ask ``where``'s server for the models it serves: a later tick brings a MODELS event
+        (once). None or this computer: only drops a question still on its way."""
+        if self._listing is not None:
+            self._listing.cancel()
+        self._listing = None
+        if where is not None and where.server is not None:
+            self._listing = ServerModels(where.server, where.token, where.verify, clock=self._clock)
+
     def cancel(self) -> None:
         if self.state == RUNNING and self._step is not None:
             self._cancelled = True
@@ -138,9 +175,12 @@ class Controller:
         for run in self._leftover:
             run.tick(0.002)
         self._leftover = [r for r in self._leftover if r.busy]
-        if self.state != RUNNING or self._step is None:
-            return []
         out = []
+        if self._listing is not None and self._listing.tick(0.005) is not None:
+            out.append(JobEvent(MODELS, self._listing.result))
+            self._listing = None
+        if self.state != RUNNING or self._step is None:
+            return out
         for event in self._step.tick(budget):
             if event.kind == PROGRESS:
                 self._show(event.value)
@@ -178,8 +218,8 @@ class Controller:
 
     @property
     def busy(self) -> bool:
-        """True while the timer must go on: a run, or a cancel request still on its way."""
-        return self.running or bool(self._leftover)
+        """True while the timer must go on: a run, a cancel request or a model list on its way."""
+        return self.running or bool(self._leftover) or self._listing is not None
 
     @property
     def elapsed(self) -> float:
@@ -196,6 +236,7 @@ class Controller:
     def cleanup(self) -> None:
         """The module is reloaded or Slicer closes: cancel the run, stop the local engine."""
         self.cancel()
+        self.listModels(None)
         if self._step is not None:
             self._finish(JobEvent(CANCELLED))
         for run in self._leftover:
@@ -219,5 +260,6 @@ class LocalEngines:
         return self.engine
 
 
-__all__ = ["IDLE", "INSTALLING", "RUNNING", "DOWNLOAD_SHARE", "THIS_COMPUTER", "Controller", "LocalEngines",
-           "ServerConsent", "Where", "server_key", "is_this_computer", "CANCELLED", "DONE", "ERROR", "INFO", "PROGRESS"]
+__all__ = ["IDLE", "INSTALLING", "RUNNING", "MODELS", "DOWNLOAD_SHARE", "THIS_COMPUTER", "Controller", "LocalEngines",
+           "ServerConsent", "ServerSettings", "Where", "server_key", "is_this_computer", "CANCELLED", "DONE", "ERROR",
+           "INFO", "PROGRESS"]

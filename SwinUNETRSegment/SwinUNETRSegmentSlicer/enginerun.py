@@ -19,11 +19,9 @@ job; a result that arrives after Cancel is never reported as done.
 
 from __future__ import annotations
 
-import json
 import time
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -118,7 +116,8 @@ class RemoteEndpoint:
 
 
 class LocalEndpoint:
-    """The service client's :class:`LocalEngine` (started here when it does not run)."""
+    """The service client's :class:`LocalEngine` (started here when it does not run); its URL
+    and token come from :meth:`LocalEngine.endpoint`, never from the engine's files."""
 
     loopback = True
     context = None
@@ -131,18 +130,8 @@ class LocalEndpoint:
             self.engine.start()  # a Popen: returns at once
 
     def address(self) -> Optional[tuple[str, Optional[str]]]:
-        """(URL, token) once the child wrote its port; None before; EngineStopped if it died."""
-        if not self.engine.alive:
-            self.engine.ready()  # raises EngineStopped with the reason from its log
-        folder = Path(self.engine.log_path).parent
-        ready = folder / "ready.json"
-        if not ready.is_file():
-            return None
-        try:
-            url = json.loads(ready.read_text(encoding="utf-8"))["url"]
-        except (ValueError, KeyError):
-            return None  # being written
-        return url, (folder / "token").read_text(encoding="ascii").strip()
+        """(URL, token) once the child listens; None before; EngineStopped (the reason from its log) if it died."""
+        return self.engine.endpoint()
 
     def describe(self) -> str:
         return "this computer"

@@ -8,6 +8,7 @@ into a segmentation node when it comes back. Runs on slicer-core in the tests.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
@@ -72,6 +73,23 @@ class SegmentationLogic:
 
     def modelNames(self) -> list[str]:
         return [name for name, _ in self.availableModels()]
+
+    def listModels(self, where: Optional[Where] = THIS_COMPUTER):
+        """The models to list for ``where``: this computer's [(name, card)] at once; for a server
+        None, and its answer comes later as the controller's MODELS event (see :meth:`useModels`);
+        for None (no parameter node: a scene closing) none, and a question on its way is dropped."""
+        self.controller.listModels(where)
+        if where is None:
+            return []
+        return None if where.server is not None else self.availableModels()
+
+    def useModels(self, answer) -> list:
+        """[(name, card)] of a server's answer (a :class:`.servermodels.ModelList`), their cards
+        (the server's own) kept for :meth:`modelCard`; the models left out are logged."""
+        for why in answer.leftOut:
+            logging.warning(f"SwinUNETRSegment: {answer.server}: model {why}")
+        self._cards.update(dict(answer.models))
+        return list(answer.models)
 
     def weightsToDownload(self, model: str, where: Where = THIS_COMPUTER) -> Optional[str]:
         """The URL of ``model``'s weights when the local engine needs them downloaded first."""

@@ -108,6 +108,11 @@ def model_tooltip(card: ModelCard) -> str:
     return "\n\n".join(parts)
 
 
+def model_choices(models: Sequence[tuple[str, ModelCard]]) -> list[tuple[str, str, str]]:
+    """(value, label, tooltip) items of the model selector for ``[(name, card)]``."""
+    return [(name, card.title or name, model_tooltip(card)) for name, card in models]
+
+
 def finished_text(summary: str, seconds: float, device: str) -> str:
     """The status line after a run: "Done in 42 s on cuda:0: added 13 (...)"."""
     return f"Done in {format_seconds(seconds)} on {device}: {summary}."

@@ -87,7 +87,7 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     p.add_argument("--server", metavar="URL",
                    help="run on an engine service (swinunetr-segment serve), e.g. https://host:8443; the scan is "
-                   "uploaded, the outputs are written here")
+                   "uploaded, the outputs are written here; with --pacs the server fetches the series and stores")
     p.add_argument("--token-file", metavar="F", help="the --server's bearer token (default: $SWINUNETR_SEGMENT_TOKEN, "
                    "else the token file of a server on this machine)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -176,6 +176,10 @@ def run(args: argparse.Namespace, cancel: Optional[threading.Event] = None,
     caller can say what was written when the run is cancelled (Ctrl-C) part way.
     """
     written = [] if written is None else written
+    if getattr(args, "pacs", None) and getattr(args, "server", None):  # the server fetches, segments, stores
+        from SwinUNETRSegmentLib.service.remote import run_pacs_on_server
+
+        return run_pacs_on_server(args, cancel, written)
     if getattr(args, "pacs", None):
         from SwinUNETRSegmentLib.cli.dicom import run_pacs
 

@@ -2,6 +2,7 @@
 
     swinunetr-segment serve                                   # 127.0.0.1:8765, token file made on first start
     swinunetr-segment serve --host 0.0.0.0 --port 8443 --tls-cert cert.pem --tls-key key.pem --models btcv
+    swinunetr-segment serve ... --pacs https://pacs.example.org/dicom-web --pacs-auth /etc/swinunetr/pacs.auth
 
 The models stay loaded between jobs; one job runs on a device at a time and the others
 wait in a bounded queue (:mod:`SwinUNETRSegmentLib.service.jobs`). Every route but
@@ -9,6 +10,12 @@ wait in a bounded queue (:mod:`SwinUNETRSegmentLib.service.jobs`). Every route b
 A server bound to any address but loopback needs a token (``--no-token`` is refused
 there) and warns without TLS. The local engine process that the client starts for
 3D Slicer is this command with ``--port 0 --ready-file F --stop-on-stdin-eof``.
+
+``--pacs URL`` (repeatable) names a PACS (its DICOMweb root) that clients' DICOMweb jobs may
+have the server fetch from and store to; ``--pacs-auth FILE`` after it gives that PACS's
+credentials (the command line's file format; without it, ``$SWINUNETR_DICOMWEB_*``, else
+none). Clients never send PACS credentials; a job naming a PACS not given here is refused
+(:mod:`SwinUNETRSegmentLib.service.pacs`).
 """
 
 from __future__ import annotations
@@ -38,6 +45,21 @@ from SwinUNETRSegmentLib.service.protocol import (
 __all__ = ["build_parser", "main", "is_loopback"]
 
 
+class _Pacs(argparse.Action):
+    """``--pacs URL`` adds a PACS; ``--pacs-auth FILE`` gives the last one its credentials."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        entries = list(getattr(namespace, "pacs", None) or [])
+        if option_string == "--pacs":
+            entries.append((value, None))
+        elif not entries or entries[-1][1] is not None:
+            raise UserError("--pacs-auth FILE goes after the --pacs URL whose credentials it holds "
+                            "(--pacs URL --pacs-auth FILE, once per PACS)")
+        else:
+            entries[-1] = (entries[-1][0], value)
+        namespace.pacs = entries
+
+
 def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = parser_class(prog=f"{PROG} serve", description="Run the segmentation engine as an HTTP service "
                      "(models kept loaded; bearer token; TLS).")
@@ -60,6 +82,12 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
                    help=f"cancel a job whose client has not polled for this long (default: {DEFAULT_LEASE_S:g})")
     p.add_argument("--result-ttl-s", type=float, default=DEFAULT_RESULT_TTL_S,
                    help=f"drop a finished job nobody fetched after this long (default: {DEFAULT_RESULT_TTL_S:g})")
+    p.add_argument("--pacs", metavar="URL", action=_Pacs, default=None,
+                   help="a PACS (DICOMweb root) that clients' DICOMweb jobs may fetch from and store to (repeatable); "
+                        "jobs naming any other are refused")
+    p.add_argument("--pacs-auth", metavar="FILE", action=_Pacs, dest="pacs",
+                   help="after --pacs URL: that PACS's credentials, a file holding 'Bearer TOKEN' or 'USER:PASSWORD' "
+                        "(default: $SWINUNETR_DICOMWEB_TOKEN or _USER/_PASSWORD, else none)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--ready-file", metavar="F", help=argparse.SUPPRESS)  # the local engine: where the port goes
     p.add_argument("--stop-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)  # ends with its parent
@@ -96,6 +124,10 @@ def _check(args: argparse.Namespace):
         raise UserError("--max-upload-mb, --lease-s and --result-ttl-s must be positive, --max-queue at least 0")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0..65535, got {args.port}")
+    from SwinUNETRSegmentLib.service.pacs import PacsRegistry
+
+    args.pacs = PacsRegistry(args.pacs or ())
+    args.pacs.check()  # an unreadable credentials file or a bad URL: one line now, not at the first job
     if args.models:
         from SwinUNETRSegmentLib.models.catalog import resolve_model
 
@@ -151,7 +183,7 @@ def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> i
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     manager = JobManager(args.models, args.max_queue, args.lease_s, args.result_ttl_s)
-    app = create_app(manager, tokens, ServerConfig(args.max_upload_mb, is_loopback(args.host), _version()))
+    app = create_app(manager, tokens, ServerConfig(args.max_upload_mb, is_loopback(args.host), _version(), args.pacs))
     sock = _listen(args.host, args.port)
     port = sock.getsockname()[1]
     scheme = "https" if args.tls_cert else "http"
@@ -165,7 +197,8 @@ def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> i
             threading.Event().wait(0.05)
         if server.started:
             _say(f"listening on {url} (models: {', '.join(manager.served()) or 'none yet'}; "
-                 f"token file: {tokens.path if tokens else 'none'})")
+                 f"token file: {tokens.path if tokens else 'none'}"
+                 f"{'; PACS: ' + ', '.join(args.pacs.urls()) if len(args.pacs) else ''})")
             if args.ready_file:
                 atomic_write_text(args.ready_file, json.dumps({"url": url, "port": port, "pid": os.getpid()}))
         _preload()

@@ -1,12 +1,12 @@
 """DICOMweb: series from a PACS in, DICOM SEG back (dicomweb-client: QIDO-RS, WADO-RS, STOW-RS).
 
-The job the command line and the engine service run (:func:`segment_series`)::
+The job the command line runs (:func:`segment_series`; the engine service runs its steps around its queue)::
 
     client = connect("https://pacs/dicom-web")                    # credentials from a file or the environment
     done = existing_segmentations(client, study, algorithm)       # series a SEG of this model references
     volume, info = fetch_series(client, study, series)            # every instance, checked like a DICOM folder
     result = segmenter.segment(volume)
-    seg = build_dicom_seg(result.labels, card, prepare_sources(info.dicom)[0], algorithm)
+    seg, notes = series_seg(result.labels, card, info, algorithm)  # on the server's own UIDs
     store(client, seg)                                             # STOW-RS
 
 Credentials are never on the command line (they would show in ``ps`` and shell history):
@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
 
 __all__ = ["BearerAuth", "ENV_AUTH_FILE", "ENV_TOKEN", "ENV_USER", "ENV_PASSWORD", "read_auth", "connect",
-           "find_series", "fetch_series", "existing_segmentations", "store", "segment_series", "SeriesJob"]
+           "find_series", "fetch_series", "existing_segmentations", "series_seg", "store", "segment_series",
+           "SeriesJob"]
 
 ENV_AUTH_FILE = "SWINUNETR_DICOMWEB_AUTH_FILE"
 ENV_TOKEN = "SWINUNETR_DICOMWEB_TOKEN"
@@ -250,6 +251,16 @@ def store(client, dataset) -> None:
                         "check the server's log")
 
 
+def series_seg(labels, card, info, algorithm, segmentation_type: str = "binary"):
+    """``(seg, notes)``: the DICOM SEG of ``labels`` (a Volume on the series' grid) for a series
+    :func:`fetch_series` returned ``info`` of, on the server's own UIDs so that it joins the
+    series' study, and notes on what was filled in."""
+    from SwinUNETRSegmentLib.fileio.dicomseg import build_dicom_seg, prepare_sources
+
+    sources, notes = prepare_sources(info.dicom, repair_invalid_uids=False)
+    return build_dicom_seg(labels, card, sources, algorithm, segmentation_type), notes
+
+
 @dataclass
 class SeriesJob:
     """What :func:`segment_series` did with one series."""
@@ -270,7 +281,8 @@ def segment_series(segmenter, client, study: str, series: str, *, store_result: 
                    progress=None, cancel: Optional[threading.Event] = None,
                    dicom_seg_suffixes: Sequence[str] = (".dcm",)) -> SeriesJob:
     """One DICOMweb job: fetch a series, segment it, make its DICOM SEG, store it (STOW-RS)
-    and/or write it to ``output``. The function the command line and the service call.
+    and/or write it to ``output``. The command line's job; the engine service runs the same
+    steps (:func:`fetch_series` before its device queue, :func:`series_seg` and :func:`store` after).
 
     Args:
         segmenter: a loaded segmenter (``SegmenterProtocol``: ``card`` and ``segment``).
@@ -288,7 +300,7 @@ def segment_series(segmenter, client, study: str, series: str, *, store_result: 
         progress: receives the segmenter's progress reports; cancel: a threading.Event.
     """
     from SwinUNETRSegmentLib.fileio.atomic import atomic_path
-    from SwinUNETRSegmentLib.fileio.dicomseg import algorithm_of, build_dicom_seg, prepare_sources
+    from SwinUNETRSegmentLib.fileio.dicomseg import algorithm_of
     from SwinUNETRSegmentLib.fileio.read import has_suffix
     from SwinUNETRSegmentLib.fileio.write import write_segmentation
 
@@ -302,8 +314,7 @@ def segment_series(segmenter, client, study: str, series: str, *, store_result: 
             return job
     volume, info = fetch_series(client, study, series, cancel=cancel)
     result = segmenter.segment(volume, progress=progress, cancel=cancel)
-    sources, job.notes = prepare_sources(info.dicom, repair_invalid_uids=False)  # the server's own UIDs
-    seg = build_dicom_seg(result.labels, card, sources, algorithm, segmentation_type)
+    seg, job.notes = series_seg(result.labels, card, info, algorithm, segmentation_type)
     job.seg_uid = str(seg.SOPInstanceUID)
     job.found = [card.label(v).name for v in result.present_labels() if any(lab.value == v for lab in card.labels)]
     for out in outputs:

@@ -7,7 +7,8 @@ installed and never loads them into Slicer's process.
 
 - :class:`Client`: a server URL and a token. :meth:`Client.submit` returns a
   :class:`RemoteJob` at once (the volume is encoded and sent on a thread that only waits
-  on zlib and the socket, which both release the interpreter lock); :meth:`RemoteJob.poll`
+  on zlib and the socket, which both release the interpreter lock; or a series on a PACS
+  is named, :class:`~.pacs.DicomwebSeries`, for the server to fetch); :meth:`RemoteJob.poll`
   asks for the job's state once, within a short timeout; :meth:`Client.segment` is the
   blocking loop for the command line.
 - :class:`~.local.LocalEngine` (here too): ``swinunetr-segment serve`` as a child process on 127.0.0.1 with a
@@ -34,6 +35,7 @@ import requests
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
 from SwinUNETRSegmentLib.progress import ProgressCallback
 from SwinUNETRSegmentLib.service.auth import read_tokens
+from SwinUNETRSegmentLib.service.pacs import DicomwebSeries
 from SwinUNETRSegmentLib.service.protocol import (
     CANCELLED,
     DONE,
@@ -73,7 +75,10 @@ class EngineStopped(ServiceError):
 class RemoteResult:
     """A finished job: ``labels`` uint8 ``[i, j, k]`` on the input's grid (``ijk_to_ras``),
     ``segments`` (value, name, color 0..1, terminology of each card label), ``present``
-    (values found), ``card`` (the card's JSON) and the run's ``device``, ``timings``, ``stats``."""
+    (values found), ``card`` (the card's JSON) and the run's ``device``, ``timings``, ``stats``;
+    for a DICOMweb job ``dicomweb``: ``pacs``, ``study``, ``series``, ``seg_uid`` (the DICOM
+    SEG's SOP Instance UID, None without one), ``stored`` (sent to the PACS), ``notes``, and
+    ``dicom_seg``: the SEG file's bytes when :meth:`Client.segment` was asked for them."""
 
     labels: np.ndarray
     ijk_to_ras: np.ndarray
@@ -83,6 +88,8 @@ class RemoteResult:
     device: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    dicomweb: dict[str, Any] = field(default_factory=dict)
+    dicom_seg: Optional[bytes] = None
 
 
 def _reason(exc: BaseException) -> str:
@@ -191,13 +198,19 @@ class Client:
 
     def submit(self, array: Optional[np.ndarray] = None, ijk_to_ras: Optional[np.ndarray] = None,
                path: Optional[str | Path] = None, options: Optional[JobOptions] = None,
-               compress: Optional[int] = None) -> "RemoteJob":
-        """Start a job on a volume (``array`` ``[i, j, k]`` and its IJK-to-RAS) or on a scan
-        the server reads (``path``: servers on this machine); returns at once.
+               compress: Optional[int] = None, dicomweb: Optional[DicomwebSeries] = None) -> "RemoteJob":
+        """Start a job on a volume (``array`` ``[i, j, k]`` and its IJK-to-RAS), on a scan
+        the server reads (``path``: servers on this machine), or on a series on a PACS the
+        server is configured for (``dicomweb``: it fetches the series, and stores the DICOM
+        SEG when ``dicomweb.store``); returns at once.
 
         ``compress``: the gzip level of the upload; 0 (raw) on loopback, 1 otherwise when None.
         """
         options = options or JobOptions()
+        if dicomweb is not None:
+            body = {**dicomweb.to_dict(), "options": options.to_dict()}
+            return RemoteJob(self, lambda job: self.json("POST", "/jobs/dicomweb", json=body,
+                                                                  timeout=TRANSFER_TIMEOUT), "sending the job")
         if path is not None:
             body = {"path": str(Path(path).resolve()), "options": options.to_dict()}
             return RemoteJob(self, lambda job: self.json("POST", "/jobs", json=body, timeout=TRANSFER_TIMEOUT))
@@ -220,12 +233,15 @@ class Client:
     def segment(self, array: Optional[np.ndarray] = None, ijk_to_ras: Optional[np.ndarray] = None,
                 path: Optional[str | Path] = None, options: Optional[JobOptions] = None,
                 progress: Optional[ProgressCallback] = None, cancel: Optional[threading.Event] = None,
-                poll_s: float = 0.1, compress: Optional[int] = None) -> RemoteResult:
-        """Submit, poll until the end (reporting progress), fetch: the blocking way.
+                poll_s: float = 0.1, compress: Optional[int] = None,
+                dicomweb: Optional[DicomwebSeries] = None, dicom_seg: bool = False) -> RemoteResult:
+        """Submit, poll until the end (reporting progress), fetch: the blocking way. The
+        inputs are :meth:`submit`'s; a DICOMweb job's result says whether the SEG was stored,
+        and holds the SEG file's bytes too with ``dicom_seg``.
 
         Setting ``cancel`` (or Ctrl-C) cancels the job on the server.
         """
-        job = self.submit(array, ijk_to_ras, path, options, compress)
+        job = self.submit(array, ijk_to_ras, path, options, compress, dicomweb)
         last = None
         try:
             while True:
@@ -238,7 +254,10 @@ class Client:
                     progress(st.progress())
                 last = now
                 if st.state == DONE:
-                    return job.result()
+                    seg = job.seg_dcm(keep=True) if dicom_seg else None
+                    res = job.result()
+                    res.dicom_seg = seg
+                    return res
                 if st.state == FAILED:
                     raise ServiceError(st.error or "the job failed", st.error_status)
                 if st.state == CANCELLED:
@@ -256,9 +275,10 @@ class RemoteJob:
     """A job on the service. Its submission runs on a thread: until it is through,
     :meth:`poll` answers the state "submitting" (stage "uploading", bytes sent)."""
 
-    def __init__(self, client: Client, post: Callable[["RemoteJob"], dict[str, Any]]):
+    def __init__(self, client: Client, post: Callable[["RemoteJob"], dict[str, Any]],
+                 message: str = "sending the volume"):
         self.client, self.id, self.body = client, None, None
-        self.status = JobStatus("", "submitting", "uploading", "sending the volume")
+        self.status = JobStatus("", "submitting", "uploading", message)
         self._error: Optional[BaseException] = None
         self._cancel = False
         self._thread = threading.Thread(target=self._submit, args=(post,), name="swinunetr-upload", daemon=True)
@@ -309,11 +329,17 @@ class RemoteJob:
         r = self.client.call("GET", f"/jobs/{self.id}/labels", params=params, timeout=TRANSFER_TIMEOUT)
         labels, ijk_to_ras = decode_nrrd(r.content)
         return RemoteResult(labels, ijk_to_ras, info.get("segments", []), info.get("present", []), info.get("card", {}),
-                            info.get("device", ""), info.get("timings", {}), info.get("stats", {}))
+                            info.get("device", ""), info.get("timings", {}), info.get("stats", {}),
+                            info.get("dicomweb") or {})
 
     def seg_nrrd(self, keep: bool = False) -> bytes:
         """The ``.seg.nrrd`` file of a done job, as bytes."""
         return self.client.call("GET", f"/jobs/{self.id}/seg.nrrd", params={"keep": int(keep)},
+                                timeout=TRANSFER_TIMEOUT).content
+
+    def seg_dcm(self, keep: bool = False) -> bytes:
+        """The DICOM SEG file of a done DICOMweb job (output type dicom-seg), as bytes."""
+        return self.client.call("GET", f"/jobs/{self.id}/seg.dcm", params={"keep": int(keep)},
                                 timeout=TRANSFER_TIMEOUT).content
 
 

@@ -2,8 +2,10 @@
 a time, and models kept loaded between jobs.
 
 - :class:`JobManager` takes a job (a volume and its :class:`~.protocol.JobOptions`), checks
-  the model and the device at once, and queues it on its device. A worker thread per
-  device runs the jobs in order through one
+  the model and the device at once, and queues it on its device; a job with a source (a
+  DICOMweb series, :mod:`.pacs`) fetches its volume on a thread of its own first, counted
+  in the queue meanwhile, so that the device never waits for a download. A worker thread
+  per device runs the jobs in order through one
   :class:`~SwinUNETRSegmentLib.inference.engine.Segmenter` per model, device and precision,
   built on first use and kept (the overlap and the window batch are a job's own).
 - A job's progress is the engine's; its cancel is the engine's (``cancel`` checked per
@@ -20,18 +22,15 @@ from __future__ import annotations
 
 import logging
 import queue
-import secrets
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
-from SwinUNETRSegmentLib.geometry import Volume, check_volume, shift_affine
-from SwinUNETRSegmentLib.progress import Progress
+from SwinUNETRSegmentLib.geometry import Volume, check_volume
+from SwinUNETRSegmentLib.service.job import Job, crop_to_box, import_engine, summary
 from SwinUNETRSegmentLib.service.protocol import (
     CANCELLED,
     DONE,
@@ -43,7 +42,7 @@ from SwinUNETRSegmentLib.service.protocol import (
     JobStatus,
 )
 
-__all__ = ["Job", "JobManager", "UnknownModel", "Busy", "crop_to_box", "import_engine"]
+__all__ = ["Job", "JobManager", "UnknownModel", "Busy", "crop_to_box", "import_engine"]  # Job and the rest: .job
 
 log = logging.getLogger("swinunetr_segment.service")
 
@@ -58,81 +57,6 @@ class Busy(UserError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
         self.retry_after = retry_after
-
-
-_IMPORTS = threading.Lock()
-
-
-def import_engine() -> None:
-    """Import torch, MONAI and the engine, once, one thread at a time: MONAI's package
-    imports its submodules in a cycle that two threads importing it at once deadlock on
-    (the server's handlers, its workers and its preloading thread all get here first)."""
-    with _IMPORTS:
-        import monai  # noqa: F401
-        import torch  # noqa: F401
-
-        import SwinUNETRSegmentLib.fileio.read  # noqa: F401
-        import SwinUNETRSegmentLib.fileio.segnrrd  # noqa: F401
-        import SwinUNETRSegmentLib.inference.engine  # noqa: F401
-        import SwinUNETRSegmentLib.models.checkpoint  # noqa: F401
-
-
-def crop_to_box(volume: Volume, box) -> tuple[Volume, Optional[tuple[slice, slice, slice]]]:
-    """The part of ``volume`` whose voxel centres lie in ``box`` (RAS corners; on an oblique
-    grid, the voxel index range the box's corners span), and where it lies in the volume."""
-    if box is None:
-        return volume, None
-    lo, hi = (np.asarray(c, dtype=np.float64) for c in box)
-    corners = np.array([[(lo, hi)[b >> a & 1][a] for a in range(3)] for b in range(8)])
-    ijk = volume.world_to_ijk(corners)
-    start = np.maximum(np.ceil(ijk.min(axis=0) - 1e-6), 0).astype(int)
-    stop = np.minimum(np.floor(ijk.max(axis=0) + 1e-6) + 1, volume.shape).astype(int)
-    if np.any(stop - start < 2):
-        raise UserError(f"the box {[list(lo), list(hi)]} (RAS mm) covers fewer than 2 voxels of the volume along "
-                        "an axis; give a box that overlaps the scan")
-    where = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
-    return Volume(volume.array[where], shift_affine(volume.ijk_to_ras, start)), where  # type: ignore[return-value]
-
-
-@dataclass(eq=False)
-class Job:
-    """One segmentation asked of the server (the fields behind a :class:`JobStatus`)."""
-
-    owner: str
-    options: JobOptions
-    volume: Optional[Volume]
-    card: Any
-    weights: Path
-    device: str
-    id: str = field(default_factory=lambda: secrets.token_urlsafe(16))
-    state: str = QUEUED
-    stage: str = "queued"
-    message: str = "waiting for the device"
-    fraction: float = 0.0
-    done: int = 0
-    total: int = 0
-    seconds_left: Optional[float] = None
-    error: Optional[str] = None
-    error_status: Optional[int] = None
-    created: float = field(default_factory=time.time)
-    started: Optional[float] = None
-    finished: Optional[float] = None
-    seen: float = field(default_factory=time.monotonic)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    labels: Optional[Volume] = None
-    result: Optional[dict[str, Any]] = None
-    forget: bool = False  # drop the job as soon as it stops (DELETE while running)
-    before: dict[str, float] = field(default_factory=dict)  # seconds spent before it was queued
-
-    def on_progress(self, p: Progress) -> None:
-        self.stage, self.message, self.fraction, self.seconds_left = p.stage, p.message, p.fraction, p.seconds_left
-        if p.stage == "inference":
-            self.done, self.total = p.done, p.total
-
-    def status(self, position: int = 0) -> JobStatus:
-        return JobStatus(self.id, self.state, self.stage, self.message, self.fraction, self.done, self.total,
-                         self.seconds_left, position, self.error, self.error_status, self.created, self.started,
-                         self.finished, self.result)
 
 
 class JobManager:
@@ -183,27 +107,56 @@ class JobManager:
         return catalog.resolve_model(name)
 
     # ---- jobs ---------------------------------------------------------------------
-    def submit(self, owner: str, options: JobOptions, volume: Volume, timings: Optional[dict] = None) -> Job:
+    def submit(self, owner: str, options: JobOptions, volume: Optional[Volume], timings: Optional[dict] = None,
+               source: Any = None) -> Job:
         """Queue a job; the model, the device, the volume and the box are checked first.
-        ``timings``: seconds the server spent on the job before (reading, receiving)."""
+        ``timings``: seconds the server spent on the job before (reading, receiving).
+        ``source`` instead of ``volume`` (a :class:`~.pacs.DicomwebJob`): ``source.fetch(job)``
+        gets the volume on a thread of the job's own while the job waits (queued, stage
+        "reading"); ``source.after(job, labels)`` runs once the labels are there, and its dict
+        joins the job's result."""
+        if (volume is None) == (source is None):
+            raise ValueError("give a job a volume or a source, not both")
         import_engine()
         from SwinUNETRSegmentLib.inference.devices import resolve_device
 
         card, weights = self.resolve(options.model)
         device = str(resolve_device(options.device))
-        check_volume(volume, "the volume")
-        crop_to_box(volume, options.box)
+        if volume is not None:
+            check_volume(volume, "the volume")
+            crop_to_box(volume, options.box)
         with self._lock:
             waiting = sum(1 for j in self._jobs.values() if j.state == QUEUED)
             if waiting >= self.max_queue:
                 retry = self._retry_after()
                 raise Busy(f"the server is busy (its queue of {self.max_queue} is full); try again in about {retry} s",
                            retry)
-            job = Job(owner, options, volume, card, weights, device, before=dict(timings or {}))
+            job = Job(owner, options, volume, card, weights, device, before=dict(timings or {}), source=source)
             self._jobs[job.id] = job
-            self._queue(device).put(job)
-        log.info("job %s queued on %s (%s, %s)", job.id, device, card.name, "x".join(map(str, volume.shape)))
+            if source is None:
+                self._queue(device).put(job)
+        if source is not None:
+            threading.Thread(target=self._fetch, args=(job,), name=f"swinunetr-fetch-{job.id[:6]}", daemon=True).start()
+        log.info("job %s queued on %s (%s, %s)", job.id, device, card.name,
+                 source or "x".join(map(str, volume.shape)))
         return job
+
+    def _fetch(self, job: Job) -> None:
+        """A job's volume from its source, then the job into its device's queue (unless it ended meanwhile)."""
+        t = time.perf_counter()
+        try:
+            volume = job.source.fetch(job)
+            crop_to_box(volume, job.options.box)
+        except Exception as exc:
+            self._failed(job, exc)
+            return
+        with self._lock:
+            job.before["fetch"] = time.perf_counter() - t
+            if job.state != QUEUED:  # cancelled, or its client went away
+                job.context.clear()
+                return
+            job.volume, job.stage, job.message = volume, "queued", "waiting for the device"
+            self._queue(job.device).put(job)
 
     def _retry_after(self) -> int:
         left = [j.seconds_left for j in self._jobs.values() if j.state == RUNNING and j.seconds_left]
@@ -222,8 +175,8 @@ class JobManager:
         with self._lock:
             position = 0
             if job.state == QUEUED:
-                position = sum(1 for j in self._jobs.values()
-                               if j.state == QUEUED and j.device == job.device and j.created < job.created)
+                position = sum(1 for j in self._jobs.values() if j.state == QUEUED and j.device == job.device
+                               and j.volume is not None and j.created < job.created)
             return job.status(position)
 
     def cancel(self, owner: str, job_id: str, forget: bool = False) -> Job:
@@ -256,6 +209,7 @@ class JobManager:
     def _drop(self, job: Job) -> None:
         self._jobs.pop(job.id, None)
         job.volume = job.labels = None
+        job.context.clear()
 
     def _finish(self, job: Job, state: str, status: Optional[int] = None, error: Optional[str] = None) -> None:
         job.state, job.finished = state, time.time()
@@ -264,6 +218,8 @@ class JobManager:
         if state == CANCELLED:
             job.error_status, job.message = 409, job.error or "cancelled"
         job.volume = None
+        if state != DONE:
+            job.context.clear()
         job.seconds_left = 0.0 if state == DONE else None
         if job.forget:
             self._drop(job)
@@ -303,27 +259,34 @@ class JobManager:
                 full = np.zeros(job.volume.shape, dtype=labels.array.dtype, order="F")
                 full[where] = labels.array
                 labels = Volume(full, job.volume.ijk_to_ras.copy())
-            summary = _summary(job, result, labels, where)
+            extra = job.source.after(job, labels) if job.source is not None else {}
+            done = {**summary(job, result, labels, where), **extra}
             with self._lock:
-                job.labels, job.result = labels, summary
+                job.labels, job.result = labels, done
                 job.stage, job.message, job.fraction = "writing", "done", 1.0
                 self._finish(job, DONE)
             log.info("job %s done in %.1f s", job.id, time.time() - job.started)
-        except CancelledError:
-            with self._lock:
-                self._finish(job, CANCELLED)
+        except Exception as exc:
+            self._failed(job, exc)
+
+    def _failed(self, job: Job, exc: Exception) -> None:
+        """End a job that raised ``exc``: cancelled; failed with the engine's one line (422); out of
+        memory (507); a bug (500: one line for the client, the traceback in the server's log)."""
+        if isinstance(exc, CancelledError):
+            state, status, error = CANCELLED, None, None
+        elif isinstance(exc, UserError):
+            state, status, error = FAILED, 422, str(exc)
+        elif isinstance(exc, MemoryError):
+            state, status, error = FAILED, 507, "out of memory on the server; try a smaller box or ask again later"
+        else:
+            log.error("job %s failed", job.id, exc_info=exc)
+            text = " ".join(str(exc).split())[:300]
+            state, status, error = FAILED, 500, f"internal error on the server: {type(exc).__name__}: {text}"
+        with self._lock:
+            if job.state not in FINISHED:
+                self._finish(job, state, status, error)
+        if state == CANCELLED:
             log.info("job %s cancelled (%s) after window %d of %d", job.id, job.error, job.done, job.total)
-        except UserError as exc:
-            with self._lock:
-                self._finish(job, FAILED, 422, str(exc))
-        except MemoryError:
-            with self._lock:
-                self._finish(job, FAILED, 507, "out of memory on the server; try a smaller box or ask again later")
-        except Exception as exc:  # a bug: one line for the client, the traceback in the server's log
-            log.exception("job %s failed", job.id)
-            with self._lock:
-                text = " ".join(str(exc).split())[:300]
-                self._finish(job, FAILED, 500, f"internal error on the server: {type(exc).__name__}: {text}")
 
     def _segmenter(self, job: Job):
         key = (job.card.name, str(job.weights), job.device, job.options.precision)

@@ -63,7 +63,7 @@ class LocalEngine:
 
     def start(self) -> None:
         """Start the child (returns at once; :meth:`ready` tells when it answers)."""
-        from SwinUNETRSegmentLib.inference.memory import allocator_env  # standard library only
+        from SwinUNETRSegmentLib.inference.memory import allocator_env, openvino_installed  # standard library only
 
         self.stop()
         if self._dir is not None:  # the last child's folder: only its log is left
@@ -73,7 +73,9 @@ class LocalEngine:
         fd = os.open(self._dir / "token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(token + "\n")
-        env = allocator_env({**os.environ, **self.env})  # jemalloc where installed, as the executable
+        # jemalloc where installed, as the executable; the system allocator where the engine
+        # runs its networks on OpenVINO (inference/memory.py says why)
+        env = allocator_env({**os.environ, **self.env}, openvino=openvino_installed())
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         cmd = [self.python, "-c", _LAUNCH, "serve", "--host", "127.0.0.1", "--port", "0",
                "--token-file", str(self._dir / "token"), "--ready-file", str(self._dir / "ready.json"),
@@ -82,16 +84,29 @@ class LocalEngine:
             self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env)
         self._token, self._client = token, None
 
-    def ready(self) -> bool:
-        """Whether the child answers (one short check); raises :class:`EngineStopped` if it died."""
+    def endpoint(self) -> Optional[tuple[str, str]]:
+        """``(url, token)`` of the child once it listens (it wrote its port), None while it
+        starts; never waits. Raises :class:`EngineStopped` (with the reason from its log)
+        when it died, or was never started or was stopped."""
+        if self.process is None:
+            raise EngineStopped("the engine process is not running; start() it first (the next run starts it)")
         if not self.alive:
             raise EngineStopped(f"the engine process could not start ({self._how()})")
+        try:
+            url = json.loads((self._dir / "ready.json").read_text(encoding="utf-8"))["url"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # not written yet (it is written whole, by a rename)
+        return url, self._token
+
+    def ready(self) -> bool:
+        """Whether the child answers (one short check); raises :class:`EngineStopped` if it died."""
         if self._client is None:
-            ready = self._dir / "ready.json"
-            if not ready.is_file():
+            found = self.endpoint()
+            if found is None:
                 return False
-            url = json.loads(ready.read_text(encoding="utf-8"))["url"]
-            self._client = Client(url, self._token, lost=self._lost)
+            self._client = Client(*found, lost=self._lost)
+        elif not self.alive:
+            raise EngineStopped(f"the engine process could not start ({self._how()})")
         try:
             self._client.health(timeout=2.0)
         except EngineStopped:

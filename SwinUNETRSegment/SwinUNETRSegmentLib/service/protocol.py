@@ -11,25 +11,27 @@ Routes (every one but ``/health`` needs ``Authorization: Bearer <token>``):
                             bound to loopback only: the file is read by the server)
 ``POST /jobs/upload``       body: a volume NRRD (:func:`encode_nrrd`); the options as JSON
                             in the :data:`OPTIONS_HEADER` header
+``POST /jobs/dicomweb``     JSON ``{"pacs": URL, "study": UID, "series": UID, "store": false, "options": {...}}``
+                            (:class:`~.pacs.DicomwebSeries`): the server fetches the series from a PACS it reaches
 ``GET /jobs/{id}``          the job's :class:`JobStatus` (each poll renews the job's lease)
 ``POST /jobs/{id}/cancel``  stop it (within one window); the status stays readable
 ``DELETE /jobs/{id}``       stop it and forget it
 ``GET /jobs/{id}/labels``   the labels on the input grid, a uint8 volume NRRD (``?gzip=0``:
                             raw); the segment table is the status's ``result``
 ``GET /jobs/{id}/seg.nrrd`` the Slicer ``.seg.nrrd`` file's bytes
+``GET /jobs/{id}/seg.dcm``  a DICOMweb job's DICOM SEG (``result["dicomweb"]``: its UID, stored)
 ==========================  =========================================================
 
-A fetched result is dropped unless ``?keep=1``; so is a finished job no one fetches within
-the server's ``result_ttl_s``; a job whose client stops polling for ``lease_s`` (it went
-away) is cancelled. Errors come back as ``{"detail": "<one line>"}`` with the status: 401
-token, 404 unknown job or model (naming the known ones), 409 not finished, 413 upload over
-the limit, 422 a volume or option the engine rejects (the command line's message), 503
-queue full (with ``Retry-After``).
+A fetched result is dropped unless ``?keep=1``; so is a finished job no one fetches within the server's
+``result_ttl_s``; a job whose client stops polling for ``lease_s`` (it went away) is cancelled. Errors come back
+as ``{"detail": "<one line>"}`` with the status: 401 token, 400 a PACS the server is not configured for, 404
+unknown job or model (naming the known ones), 409 not finished, 413 upload over the limit, 422 a volume or
+option the engine rejects (the command line's message), 503 queue full (with ``Retry-After``).
 
-Volumes travel as NRRD (``NRRD0004``, space ``right-anterior-superior``, attached ``raw`` or
-``gzip`` data: Slicer opens them). The codec is written here by hand on the standard library
-and numpy, not with pynrrd: the client runs in 3D Slicer's Python, which ships neither pynrrd
-nor nibabel. Each float is written with ``repr``: a volume's geometry arrives bit for bit.
+Volumes travel as NRRD (``NRRD0004``, space ``right-anterior-superior``, attached ``raw`` or ``gzip`` data:
+Slicer opens them). The codec is written here by hand on the standard library and numpy, not with pynrrd: the
+client runs in 3D Slicer's Python, which ships neither pynrrd nor nibabel. Each float is written with ``repr``:
+a volume's geometry arrives bit for bit.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ from SwinUNETRSegmentLib.inference.options import PRECISIONS
 from SwinUNETRSegmentLib.progress import Progress
 
 __all__ = ["API_VERSION", "SERVICE", "DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_MAX_QUEUE",
-           "DEFAULT_LEASE_S", "DEFAULT_RESULT_TTL_S", "MAX_EXPANSION", "OPTIONS_HEADER", "NRRD_MEDIA_TYPE",
-           "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED", "FINISHED", "JobOptions", "JobStatus",
-           "NrrdError", "NrrdTooLarge", "encode_nrrd", "decode_nrrd", "NrrdDecoder"]
+           "DEFAULT_LEASE_S", "DEFAULT_RESULT_TTL_S", "MAX_EXPANSION", "OPTIONS_HEADER", "NRRD_MEDIA_TYPE", "QUEUED",
+           "RUNNING", "DONE", "FAILED", "CANCELLED", "FINISHED", "JobOptions", "JobStatus", "NrrdError", "NrrdTooLarge",
+           "encode_nrrd", "decode_nrrd", "NrrdDecoder"]
 
 API_VERSION = 1
 SERVICE = "swinunetr-segment"
@@ -63,8 +65,7 @@ DEFAULT_MAX_QUEUE = 8
 DEFAULT_LEASE_S = 60.0
 #: seconds a finished job waits to be fetched before it is dropped
 DEFAULT_RESULT_TTL_S = 600.0
-#: a volume may be at most this many times its upload's size once decompressed (a larger
-#: ratio is a decompression bomb, not a CT)
+#: a volume may be at most this many times its upload's size once decompressed (more: a decompression bomb)
 MAX_EXPANSION = 32
 OPTIONS_HEADER = "X-SwinUNETR-Options"
 NRRD_MEDIA_TYPE = "application/x-nrrd"
@@ -83,8 +84,7 @@ class JobOptions:
         overlap: sliding-window overlap, 0 to <1; the card's when None.
         precision: one of ``inference.options.PRECISIONS``.
         sw_batch_size: windows per network call (at least 1); the card's when None.
-        box: ``((r0, a0, s0), (r1, a1, s1))``: only the voxels whose centres lie in this
-            box (RAS millimetres) are segmented; the rest of the input grid is background.
+        box: ``((r0, a0, s0), (r1, a1, s1))`` (RAS mm): only voxels centred in it are segmented, the rest is background.
     """
 
     model: Optional[str] = None
@@ -164,14 +164,13 @@ class JobStatus:
         id: the job's id. state: one of queued, running, done, failed, cancelled.
         stage: the engine's stage (``progress.STAGES``), or "queued". message: what it does.
         fraction: the whole job's progress, 0..1. done, total: windows done of all windows.
-        seconds_left: estimated seconds to the end, None while unknown.
-        position: jobs ahead of this one in its device's queue (0 once running).
+        seconds_left: estimated seconds to the end, None while unknown. position: jobs ahead in the queue.
         error: the one-line reason of a failed or cancelled job; error_status its HTTP status.
         created, started, finished: server times (seconds since the epoch), None until then.
-        result: for a done job: ``segments`` (value, name, color 0..1, terminology of each
-            card label), ``present`` (label values found), ``card`` (the card's JSON),
-            ``device``, ``timings`` (the engine's; ``read``/``receive``, ``queued``: the
-            server's), ``stats``, ``shape``, ``box`` (voxel ranges run).
+        result: for a done job: ``segments`` (value, name, color 0..1, terminology of each card label),
+            ``present`` (label values found), ``card`` (the card's JSON), ``device``, ``timings`` (the
+            engine's; ``read``/``receive``/``fetch``, ``queued``: the server's), ``stats``, ``shape``, ``box``
+            (voxel ranges run); a DICOMweb job's ``dicomweb``: pacs, study, series, seg_uid, stored, notes.
     """
 
     id: str
@@ -216,8 +215,8 @@ class NrrdTooLarge(NrrdError):
 _TYPES = {"int8": "i1", "uint8": "u1", "int16": "i2", "uint16": "u2", "int32": "i4", "uint32": "u4",
           "int64": "i8", "uint64": "u8", "float": "f4", "double": "f8"}
 _ALIASES = {"uchar": "uint8", "unsigned char": "uint8", "signed char": "int8", "short": "int16", "ushort": "uint16",
-            "unsigned short": "uint16", "int": "int32", "uint": "uint32", "unsigned int": "uint32",
-            "longlong": "int64", "ulonglong": "uint64", "float32": "float", "float64": "double"}
+            "unsigned short": "uint16", "int": "int32", "uint": "uint32", "unsigned int": "uint32", "longlong": "int64",
+            "ulonglong": "uint64", "float32": "float", "float64": "double"}
 _NAMES = {np.dtype(v).newbyteorder("<"): k for k, v in _TYPES.items()}
 #: bytes compressed per gzip member; members compress on threads (zlib releases the GIL)
 _MEMBER = 16 << 20

@@ -4,6 +4,9 @@ Every route but ``GET /health`` needs a bearer token that :class:`~.auth.TokenSt
 accepts; a job is visible only with the token that made it. The routes and their answers
 are listed in :mod:`.protocol`. Every error is ``{"detail": "<one line>"}``.
 
+A DICOMweb job (``POST /jobs/dicomweb``, :mod:`.pacs`) names a series on a PACS that the
+server's operator configured (``ServerConfig.pacs``); any other PACS is refused with 400.
+
 Uploads stream: the body is fed to :class:`~.protocol.NrrdDecoder` as it arrives (a few
 MB at a time, on a worker thread), so that a volume is held once, decompressed, and an
 upload over the limit is refused (413) as soon as it passes the limit, or at once when
@@ -12,6 +15,8 @@ its ``Content-Length`` says so.
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import tempfile
 import time
 from dataclasses import dataclass
@@ -54,12 +59,14 @@ class ServerConfig:
     """What ``swinunetr-segment serve`` was asked for (see :mod:`SwinUNETRSegmentLib.cli.serve`).
 
     ``allow_paths``: whether ``POST /jobs`` may name a file on the server (only a server
-    bound to loopback: its clients are on its machine).
+    bound to loopback: its clients are on its machine). ``pacs``: the
+    :class:`~.pacs.PacsRegistry` of the PACS that DICOMweb jobs may name (None: none).
     """
 
     max_upload_mb: float = 1024
     allow_paths: bool = True
     version: str = ""
+    pacs: Any = None
 
 
 class HTTPFailure(Exception):
@@ -111,9 +118,10 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
             raise HTTPFailure(404, f"no job {job_id} here (finished jobs are dropped once fetched, or "
                                    f"{manager.result_ttl_s:g} s after they end)") from None
 
-    def submit(who: str, options: JobOptions, volume: Volume, timings: dict[str, float]) -> dict[str, Any]:
+    def submit(who: str, options: JobOptions, volume: Optional[Volume], timings: dict[str, float],
+               source: Any = None) -> dict[str, Any]:
         try:
-            job = manager.submit(who, options, volume, timings)
+            job = manager.submit(who, options, volume, timings, source)
         except UnknownModel as exc:
             raise HTTPFailure(404, str(exc)) from None
         except Busy as exc:
@@ -135,6 +143,7 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
         return {"service": SERVICE, "version": config.version, "api": API_VERSION,
                 "max_upload_mb": config.max_upload_mb, "max_queue": manager.max_queue, "lease_s": manager.lease_s,
                 "result_ttl_s": manager.result_ttl_s, "allow_paths": config.allow_paths,
+                "pacs": config.pacs.urls() if config.pacs is not None else [],
                 "devices": [{"device": d, "name": n} for d, n in available_devices()], "models": manager.served()}
 
     @app.get("/models")
@@ -182,6 +191,35 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
         except ValueError:
             raise HTTPFailure(422, "the request body is not JSON") from None
         return await run_in_threadpool(read_and_submit, who, body)
+
+    def dicomweb_submit(who: str, body: Any) -> dict[str, Any]:
+        from SwinUNETRSegmentLib.service.pacs import DicomwebJob, DicomwebSeries, PacsRegistry, UnknownPacs
+
+        try:
+            series = DicomwebSeries.from_dict({k: v for k, v in body.items() if k != "options"}
+                                              if isinstance(body, dict) else body)
+            options = JobOptions.from_dict(body.get("options"))
+        except UserError as exc:
+            raise HTTPFailure(422, str(exc)) from None
+        try:
+            client = (config.pacs or PacsRegistry()).connect(series.pacs)
+        except UnknownPacs as exc:
+            raise HTTPFailure(400, str(exc)) from None
+        except UserError as exc:  # the operator's credentials file went missing
+            raise HTTPFailure(500, f"the server's PACS configuration: {exc}") from None
+        if series.output_type == "dicom-seg" and importlib.util.find_spec("highdicom") is None:
+            raise HTTPFailure(422, "this server cannot make a DICOM SEG (highdicom is not installed there: pip install "
+                                   "highdicom); ask for output_type labels")
+        return submit(who, options, None, {}, DicomwebJob(series, client))
+
+    @app.post("/jobs/dicomweb", status_code=202)
+    async def submit_dicomweb(request: Request):
+        who = owner(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPFailure(422, "the request body is not JSON") from None
+        return await run_in_threadpool(dicomweb_submit, who, body)
 
     @app.post("/jobs/upload", status_code=202)
     async def submit_upload(request: Request):
@@ -260,6 +298,20 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
             write_seg_nrrd(path, labels, job.card.labels)
             data = path.read_bytes()
         return Response(data, media_type=NRRD_MEDIA_TYPE)
+
+    @app.get("/jobs/{job_id}/seg.dcm")
+    def seg_dcm(request: Request, job_id: str, keep: bool = False):
+        job = job_of(request, job_id)
+        seg = job.context.get("seg")
+        if seg is None and job.state == DONE:
+            raise HTTPFailure(404, f"job {job_id} made no DICOM SEG (a DICOMweb job with output_type dicom-seg makes "
+                                   "one); fetch its labels")
+        finished(request, job_id, keep)
+        import pydicom
+
+        buffer = io.BytesIO()
+        pydicom.dcmwrite(buffer, seg, enforce_file_format=True)
+        return Response(buffer.getvalue(), media_type="application/dicom")
 
     app.state.manager = manager
     return app
