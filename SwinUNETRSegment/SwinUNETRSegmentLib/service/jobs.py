@@ -340,20 +340,3 @@ def _engine_segmenter(card, weights, device: str, precision: str):
     from SwinUNETRSegmentLib.inference.options import FastPath
 
     return Segmenter(card, weights, device=device, fast=FastPath(precision=precision))
-
-
-def _summary(job: Job, result, labels: Volume, where) -> dict[str, Any]:
-    from SwinUNETRSegmentLib.models.segment_table import present_values, segment_table
-
-    return {
-        "segments": [{"value": s.value, "name": s.name, "color": list(s.color), "terminology": s.terminology}
-                     for s in segment_table(result.card)],
-        "present": present_values(labels.array),
-        "card": result.card.to_json(),
-        "device": result.device,
-        "timings": {**{k: float(v) for k, v in result.timings.items()}, **job.before,
-                    "queued": job.started - job.created},
-        "stats": {k: v for k, v in result.stats.items() if isinstance(v, (int, float, str, bool, type(None)))},
-        "shape": list(labels.shape),
-        "box": None if where is None else [[s.start, s.stop] for s in where],
-    }
