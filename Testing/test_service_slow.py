@@ -161,7 +161,9 @@ def test_tls_with_a_certificate_made_here(home, tmp_path, example_ct, example_ct
 
 
 def test_local_engine_killed_mid_job_restarts_and_ends_with_its_parent(home, example_ct, in_process, tmp_path):
-    engine = LocalEngine(env={"SWINUNETR_SEGMENT_HOME": str(home)})
+    # on PyTorch, as the in-process run it is compared with voxel for voxel (the engine
+    # process would otherwise convert the model for OpenVINO on its first job)
+    engine = LocalEngine(args=["--backend", "torch"], env={"SWINUNETR_SEGMENT_HOME": str(home)})
     try:
         client = engine.client()
         first_pid = engine.process.pid

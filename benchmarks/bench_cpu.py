@@ -58,6 +58,10 @@ VARIANTS = {
     "no-pointwise": {"pointwise_matmul": False},
     # the engine as session 2 left it (before the cached attention and the channel products)
     "session2": {"cached_attention": False, "pointwise_matmul": False},
+    # the network on PyTorch, or on OpenVINO (converted before the clock starts, as after
+    # `models convert`; its seconds are reported as convert_s)
+    "torch": {"backend": "torch"},
+    "openvino": {"backend": "openvino"},
 }
 
 
@@ -84,6 +88,16 @@ def worker(args) -> None:
         from SwinUNETRSegmentLib.inference.engine import Segmenter
 
         fast = engine_fastpath(args.worker, json.loads(args.set or "{}"))
+        if fast.backend == "openvino":
+            import atexit
+            import shutil
+
+            if "SWINUNETR_SEGMENT_HOME" not in os.environ:
+                os.environ["SWINUNETR_SEGMENT_HOME"] = tempfile.mkdtemp(prefix="bench-ov-")
+                atexit.register(shutil.rmtree, os.environ["SWINUNETR_SEGMENT_HOME"], True)
+            t = time.perf_counter()
+            Segmenter(card, args.checkpoint, device=args.device, fast=fast).convert_openvino()
+            result["convert_s"] = time.perf_counter() - t
         t0 = time.perf_counter()
         vol, _ = read_volume(args.input)
         read = time.perf_counter() - t0
@@ -153,7 +167,13 @@ def run_child(pipeline: str, input_path: Path, card: Path, checkpoint: Path, arg
     log_path = tmp / f"{tag}.log"
     t = time.perf_counter()
     with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
+        # The engine's pipelines in the process the command line gives them: jemalloc where it
+        # is installed, the system allocator for OpenVINO (inference/memory.py); the reference
+        # as MONAI's users run it.
+        from SwinUNETRSegmentLib.inference.memory import allocator_env
+
+        env = None if pipeline == "reference" else allocator_env(openvino=pipeline == "openvino")
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         maxrss_mb = None
         if hasattr(os, "wait4"):
             _, status, usage = os.wait4(proc.pid, 0)

@@ -10,7 +10,9 @@ on top of the previous one (``SwinUNETRSegmentLib.inference.options.FastPath``):
 * ``+fused``: window attention through ``scaled_dot_product_attention``;
 * ``+cached``: the shift mask and position bias built once (``window_attention``);
 * ``+pointwise``: 1x1x1 and 2x2x2 transposed convolutions as channel products
-  (``pointwise_convs``): the engine's default.
+  (``pointwise_convs``): the engine's PyTorch default;
+* ``OpenVINO``: the float32 network converted once (``inference/cpu/openvino_backend.py``)
+  and run on OpenVINO's CPU runtime in float32, and in bfloat16 where the CPU has it natively.
 
 For each it prints the median over ``--repeats`` calls (after one warm-up call) of the
 seconds per window, the ratio to the reference, and the largest difference of its logits
@@ -108,10 +110,47 @@ def main(argv=None) -> int:
                 float((out.argmax(1) == ref_labels).float().mean()),
             )
         )
+    engine_s = rows[-1][1]
+    rows += _openvino_rows(reference, windows, roi, threads, bf16, timed, ref_out, ref_labels)
     print(f"\n{'network as run':52s} {'s/window':>9} {'x ref':>6} {'max |logit diff|':>17} {'argmax agrees':>14}")
     for name, s, diff, agree in rows:
         print(f"{name:52s} {s:9.2f} {ref_s / s:6.2f} {diff:17.4f} {agree:14.4f}")
+    for name, s, _, _ in rows[5:]:
+        print(f"{name}: {engine_s / s:.2f} x the PyTorch engine's {engine_s:.2f} s per window")
     return 0
+
+
+def _openvino_rows(reference, windows, roi, threads, bf16, timed, ref_out, ref_labels) -> list:
+    """The same windows on OpenVINO (inference/cpu/openvino_backend.py): float32, and
+    bfloat16 where the CPU has it natively; conversion and compile seconds printed."""
+    import os
+    import tempfile
+
+    import torch
+
+    from SwinUNETRSegmentLib.inference.cpu import openvino_backend as ob
+    from SwinUNETRSegmentLib.inference.network import fused_attention
+
+    if not ob.available() or ob.preloaded_allocator():
+        print("# OpenVINO: not installed here (or a preloaded allocator): no OpenVINO rows")
+        return []
+    rows = []
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["SWINUNETR_SEGMENT_HOME"] = home
+        t = time.perf_counter()
+        with fused_attention(reference, True):
+            path = ob.convert(reference, (roi,) * 3, "bench")
+        print(f"# OpenVINO {ob.version()}: conversion {time.perf_counter() - t:.1f} s", flush=True)
+        for hint in ("f32", "bf16") if bf16 else ("f32",):
+            net = ob.OpenVINONetwork(path, hint, threads)
+            print(f"# OpenVINO {hint}: compile {net.compile_seconds:.1f} s", flush=True)
+            s, out = timed(net, windows)
+            name = f"OpenVINO {'float32' if hint == 'f32' else 'bfloat16'}, 1 per call"
+            rows.append((name, s, float((out - ref_out).abs().max()),
+                         float((out.argmax(1) == ref_labels).float().mean())))
+            del net
+    torch.set_num_threads(threads)
+    return rows
 
 
 if __name__ == "__main__":

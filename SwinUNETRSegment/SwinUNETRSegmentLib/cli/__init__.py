@@ -14,7 +14,43 @@ __all__ = ["entry", "main"]
 def entry() -> int:
     """The ``swinunetr-segment`` executable: :func:`main` in an engine process with the
     allocator :mod:`~SwinUNETRSegmentLib.inference.memory` picks (jemalloc where installed)."""
+    import sys
+
     from SwinUNETRSegmentLib.inference.memory import reexec_with_allocator
 
-    reexec_with_allocator()
+    reexec_with_allocator(openvino=runs_on_openvino(sys.argv[1:]))
     return main()
+
+
+def runs_on_openvino(argv: list[str]) -> bool:
+    """Whether this command line will run a network on OpenVINO (then it keeps the system
+    allocator: inference/memory.py): ``serve`` where openvino is installed (the service
+    converts on first use), a segmentation with ``--backend openvino``, or one with the
+    default backend whose model's conversion is cached. Anything unclear: False."""
+    from SwinUNETRSegmentLib.inference.memory import openvino_installed
+
+    if not openvino_installed() or "--backend=torch" in argv or "torch" in _values(argv, "--backend"):
+        return False
+    if argv[:1] == ["serve"]:
+        return True
+    if "openvino" in _values(argv, "--backend"):
+        return True
+    if argv[:1] and not argv[0].startswith("-"):
+        return False  # another command (models, train, demo, ...)
+    try:
+        from SwinUNETRSegmentLib.cli.segment import _model, build_parser
+        from SwinUNETRSegmentLib.inference.cpu.openvino_backend import Conversion
+
+        args, _ = build_parser().parse_known_args(argv)
+        if args.device not in ("auto", "cpu") or args.precision == "float32" or getattr(args, "server", None):
+            return False
+        card, weights = _model(args)
+        return weights is not None and Conversion(card, weights).converted
+    except BaseException:  # noqa: B036 - argparse exits, a bad card raises: the run itself will say so
+        return False
+
+
+def _values(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag] + [
+        a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")
+    ]

@@ -39,6 +39,8 @@ __all__ = ["build_parser", "run", "run_batch", "is_batch", "scan_entries", "prog
 
 #: precisions ``--precision`` accepts (the network's; see ``inference.options.FastPath``)
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+#: ``--backend`` choices (``inference.options.Backend``)
+BACKENDS = ("auto", "torch", "openvino")
 
 
 def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -67,6 +69,10 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="network precision: auto = bfloat16 on CPUs that have it, float16 on CUDA; "
                         "float32 gives the MONAI reference pipeline's labels exactly")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="what runs the network on the CPU: auto = OpenVINO when this model was converted for it "
+                        "('models convert NAME'; a folder of scans converts after its first), else PyTorch; "
+                        "openvino = convert now if needed; torch")
     p.add_argument("--preview", metavar="PNG",
                    help="also write a PNG: three orthogonal slices with the segments overlaid")
     p.add_argument("--series", metavar="UID",
@@ -157,7 +163,8 @@ def _segmenter(args: argparse.Namespace, card, weights):
         if torch.cuda.is_available():  # torchrun: one GPU per process
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
     segmenter = Segmenter(card, weights, device=device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
-                          fast=FastPath(precision=getattr(args, "precision", "auto")))
+                          fast=FastPath(precision=getattr(args, "precision", "auto"),
+                                        backend=getattr(args, "backend", "auto")))
     segmenter.load()  # a checkpoint that does not fit the card fails here, before any inference
     return segmenter
 
@@ -287,6 +294,9 @@ def run_batch(args: argparse.Namespace, cancel: Optional[threading.Event] = None
             volume, info = read_volume(case)
             _warn_modality(args, info, card)
             _segment_one(args, segmenter, volume, info, [out], preview, cancel, written)
+            if case is mine[0] and len(mine) > 1 and hasattr(segmenter, "convert_openvino"):
+                # The rest of the folder pays for the conversion (tens of seconds, once per checkpoint).
+                segmenter.convert_openvino()
         except UserError as exc:
             failed.append(case.name)
             print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -88,6 +88,9 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
     p.add_argument("--pacs-auth", metavar="FILE", action=_Pacs, dest="pacs",
                    help="after --pacs URL: that PACS's credentials, a file holding 'Bearer TOKEN' or 'USER:PASSWORD' "
                         "(default: $SWINUNETR_DICOMWEB_TOKEN or _USER/_PASSWORD, else none)")
+    p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
+                   help="what runs the networks on a CPU: auto = OpenVINO where it is installed (each model is "
+                   "converted on its first job, once per checkpoint and machine), else PyTorch")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--ready-file", metavar="F", help=argparse.SUPPRESS)  # the local engine: where the port goes
     p.add_argument("--stop-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)  # ends with its parent
@@ -182,7 +185,7 @@ def main(argv: Sequence[str], parser_class: type = argparse.ArgumentParser) -> i
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    manager = JobManager(args.models, args.max_queue, args.lease_s, args.result_ttl_s)
+    manager = JobManager(args.models, args.max_queue, args.lease_s, args.result_ttl_s, backend=args.backend)
     app = create_app(manager, tokens, ServerConfig(args.max_upload_mb, is_loopback(args.host), _version(), args.pacs))
     sock = _listen(args.host, args.port)
     port = sock.getsockname()[1]

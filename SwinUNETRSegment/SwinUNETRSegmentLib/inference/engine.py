@@ -37,6 +37,7 @@ import numpy as np
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
 from SwinUNETRSegmentLib.geometry import Volume, check_volume
 from SwinUNETRSegmentLib.inference.api import SegmentationResult
+from SwinUNETRSegmentLib.inference.cpu import openvino_backend
 from SwinUNETRSegmentLib.inference.cpu.pointwise_convs import pointwise_as_matmul
 from SwinUNETRSegmentLib.inference.cpu.window_attention import cached_window_attention
 from SwinUNETRSegmentLib.inference.devices import (
@@ -128,6 +129,8 @@ class Segmenter:
         self._air_outputs: dict[tuple, Any] = {}
         self._prepared: Optional[tuple[str, Prepared]] = None
         self._lock = threading.Lock()
+        self._threads: Optional[int] = None
+        self.openvino = openvino_backend.Conversion(card, self.checkpoint)
 
     # ---- model --------------------------------------------------------------------
     @property
@@ -196,13 +199,29 @@ class Segmenter:
         self._prepared = None if key is None else (key, prepared)
         return prepared, False
 
-    def _air_output(self, net):
+    # ---- OpenVINO (cpu/openvino_backend.py) -----------------------------------------
+    def convert_openvino(self) -> Optional[Path]:
+        """Convert this checkpoint for OpenVINO now, unless it is cached or cannot run
+        there (a GPU, float32, no OpenVINO, a caller's network); returns the IR's path or
+        None. The engine service calls it after its first job, ``models convert`` for a
+        model; a failure is logged once and the engine stays on PyTorch."""
+        return self.openvino.convert_for(self.device, self.fast)
+
+    def _openvino_network(self, tracker: ProgressTracker):
+        """The compiled OpenVINO network for this run, or None to run on PyTorch."""
+        announce = lambda: tracker.stage(  # noqa: E731
+            "loading model", f"converting {self.card.name} for OpenVINO (once per checkpoint)"
+        )
+        return self.openvino.network_for(self.device, self.fast, self._threads, announce)
+
+    def _air_output(self, net, dtype, backend: str):
         """The network's answer for a window of pure air (every voxel ``b_min``), once."""
         import torch
 
         key = (
+            backend,
             str(self.device),
-            str(self._dtype),
+            str(dtype),
             str(autocast_dtype(self.device, self.fast.precision)),
             tuple(self.card.roi_size),
         )
@@ -211,7 +230,7 @@ class Segmenter:
                 (1, 1) + tuple(self.card.roi_size),
                 float(self.card.intensity["b_min"]),
                 device=self.device,
-                dtype=self._dtype,
+                dtype=dtype,
             )
             self._air_outputs[key] = net(window).float()
         return self._air_outputs[key]
@@ -247,6 +266,7 @@ class Segmenter:
             on_cpu = self.device.type == "cpu"
             threads = thread_count(self.fast.threads) if on_cpu else contextlib.nullcontext(None)
             with threads as n_threads:
+                self._threads = n_threads
                 result = self._segment(volume, tracker, check_cancel)
             result.stats["threads"] = n_threads
         if result.labels.shape != volume.shape:  # a broken invariant, not bad input
@@ -290,6 +310,7 @@ class Segmenter:
             precision="float32" if ac_dtype is None else str(ac_dtype).replace("torch.", ""),
             weights=str(self._dtype).replace("torch.", ""),
             windows_per_call=batch,
+            backend="torch",
         )
 
         t = time.perf_counter()
@@ -324,11 +345,18 @@ class Segmenter:
         from monai.inferers import SlidingWindowInfererAdapt
 
         fast, net, roi = self.fast, self._runner, tuple(self.card.roi_size)
+        dtype, on_torch = self._dtype, True
+        ov_net = self._openvino_network(tracker)
+        if ov_net is not None:
+            ov_net.check_cancel = check_cancel
+            net, dtype, on_torch = ov_net, torch.float32, False
+            stats.update(backend="openvino", precision=ov_net.precision.replace("f32", "float32").replace(
+                "bf16", "bfloat16"), weights="openvino")
         predictor = WindowPredictor(
             net,
-            self._dtype,
+            dtype,
             prepared.air_starts,
-            lambda: self._air_output(net),
+            lambda: self._air_output(net, dtype, stats["backend"]),
             check_cancel,
             lambda done: tracker.windows(done, total),
         )
@@ -349,11 +377,14 @@ class Segmenter:
                 device=stitch,
                 with_coord=True,
             )
-            hooks = cancel_checks(self._network, check_cancel, enabled=plan.sw_batch_size > 1 and not fast.compile)
-            amp = contextlib.nullcontext() if self._dtype != torch.float32 else autocast(self.device, fast.precision)
-            attention = cached_window_attention(self._network, fast.cached_attention and not fast.compile)
+            hooks = cancel_checks(
+                self._network, check_cancel, enabled=on_torch and plan.sw_batch_size > 1 and not fast.compile
+            )
+            use_amp = on_torch and self._dtype == torch.float32
+            amp = autocast(self.device, fast.precision) if use_amp else contextlib.nullcontext()
+            attention = cached_window_attention(self._network, on_torch and fast.cached_attention and not fast.compile)
             pointwise = pointwise_as_matmul(
-                self._network, fast.pointwise_matmul and self.device.type == "cpu" and not fast.compile
+                self._network, on_torch and fast.pointwise_matmul and self.device.type == "cpu" and not fast.compile
             )
             with torch.inference_mode(), amp, hooks, attention as cached_modules, pointwise as matmul_modules:
                 stats["attention_cached"] = cached_modules

@@ -30,6 +30,7 @@ import os
 import platform
 
 __all__ = ["DEFAULT_THRESHOLD", "JEMALLOC_CONF", "allocator_env", "configure_allocator", "jemalloc_library",
+           "openvino_installed",
            "reexec_with_allocator"]
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,26 @@ def jemalloc_library() -> str | None:
     return next((p for p in _JEMALLOC if os.path.exists(p)), None)
 
 
-def allocator_env(env: dict | None = None) -> dict:
+def openvino_installed() -> bool:
+    """Whether the openvino package is installed (found, not imported)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def allocator_env(env: dict | None = None, openvino: bool = False) -> dict:
     """``env`` (default: this process's) with what an engine process needs to start on
-    jemalloc, when it is installed and the user did not ask for the system allocator."""
+    jemalloc, when it is installed and the user did not ask for the system allocator.
+
+    ``openvino``: the process will run the network on OpenVINO, whose CPU plugin aborts
+    under a preloaded allocator ("free(): invalid pointer", jemalloc and TBB's proxy alike)
+    and keeps its own buffers between windows: such a process keeps the system allocator."""
     env = dict(os.environ if env is None else env)
     lib = jemalloc_library()
-    if lib is None or env.get("SWINUNETR_SEGMENT_ALLOCATOR", "").lower() == "system":
+    if lib is None or openvino or env.get("SWINUNETR_SEGMENT_ALLOCATOR", "").lower() == "system":
         return env
     if lib not in env.get("LD_PRELOAD", "").split(":"):
         env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
@@ -69,13 +84,13 @@ def allocator_env(env: dict | None = None) -> dict:
     return env
 
 
-def reexec_with_allocator() -> None:
+def reexec_with_allocator(openvino: bool = False) -> None:
     """Replace this process by itself on jemalloc (once: the new process finds it loaded),
     when :func:`allocator_env` changes anything. For the command line's entry point only:
     it must run before anything else was done."""
     import sys
 
-    env = allocator_env()
+    env = allocator_env(openvino=openvino)
     if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD") and not os.environ.get("_SWINUNETR_SEGMENT_REEXEC"):
         env["_SWINUNETR_SEGMENT_REEXEC"] = "1"
         argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])

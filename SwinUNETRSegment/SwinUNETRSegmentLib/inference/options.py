@@ -50,6 +50,11 @@ reference pipeline by ``benchmarks/`` and recorded in ``benchmarks/README.md``, 
   window batches (a log line each).
 * **compile**: ``torch.compile`` of the network. Off by default: it was measured to take
   minutes to compile on a CPU for no faster calls.
+* **backend**: on the CPU the network can run on OpenVINO's runtime instead of PyTorch
+  (:mod:`.cpu.openvino_backend`: converted once per checkpoint and cached). "auto" uses
+  it where its conversion is cached (``swinunetr-segment models convert NAME``, or the
+  engine service after its first job); float32 precision always runs on PyTorch.
+  Changes logits by float rounding (bfloat16 where the CPU has it natively, as above).
 * **cache_preprocessed**: a second segmentation of the same voxels and grid reuses the
   model-space tensor (the key is a hash of the voxels, so an edited volume is redone).
 """
@@ -62,7 +67,7 @@ from typing import Any, Optional
 
 from SwinUNETRSegmentLib.errors import UserError
 
-__all__ = ["FastPath", "Precision", "ResampleMode", "PRECISIONS", "RESAMPLE_MODES"]
+__all__ = ["FastPath", "Backend", "Precision", "ResampleMode", "BACKENDS", "PRECISIONS", "RESAMPLE_MODES"]
 
 
 class Precision(str, Enum):
@@ -74,6 +79,14 @@ class Precision(str, Enum):
     FLOAT16 = "float16"
 
 
+class Backend(str, Enum):
+    """What runs the network on the CPU: see :class:`FastPath` ``backend``."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    OPENVINO = "openvino"
+
+
 class ResampleMode(str, Enum):
     """The way back to the input grid: see :mod:`.resample`."""
 
@@ -83,6 +96,7 @@ class ResampleMode(str, Enum):
 
 
 PRECISIONS = tuple(p.value for p in Precision)
+BACKENDS = tuple(b.value for b in Backend)
 RESAMPLE_MODES = tuple(m.value for m in ResampleMode)
 
 
@@ -127,6 +141,10 @@ class FastPath:
         compile: torch.compile the network on first use.
         cache_preprocessed: reuse the model-space tensor of an unchanged volume.
         slab_voxels: input voxels resampled per slab (bounds the resampling's memory).
+        backend: on the CPU, "auto" (OpenVINO when it is installed and this checkpoint's
+            conversion is in the cache, :mod:`.cpu.openvino_backend`; PyTorch otherwise),
+            "openvino" (convert now when not cached) or "torch". PyTorch always runs
+            ``precision="float32"`` (the reference's labels exactly), GPUs and MPS.
     """
 
     precision: str = "auto"
@@ -143,10 +161,12 @@ class FastPath:
     compile: bool = False
     cache_preprocessed: bool = True
     slab_voxels: int = 1 << 20
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", _option(self.precision, Precision, "precision"))
         object.__setattr__(self, "resample", _option(self.resample, ResampleMode, "resample"))
+        object.__setattr__(self, "backend", _option(self.backend, Backend, "backend"))
         if self.threads not in (None, "auto") and (not isinstance(self.threads, int) or self.threads < 1):
             raise UserError(f"threads must be a positive integer, 'auto' or None, got {self.threads!r}")
         if self.cpu_batch is not None and (not isinstance(self.cpu_batch, int) or self.cpu_batch < 1):
@@ -171,6 +191,7 @@ class FastPath:
             gpu_stitching=True,
             compile=False,
             cache_preprocessed=False,
+            backend="torch",
         )
 
     def but(self, **changes: Any) -> "FastPath":

@@ -20,6 +20,7 @@ Nothing here knows HTTP: :mod:`.server` maps the errors to statuses
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -70,15 +71,17 @@ class JobManager:
         result_ttl_s: a finished job is dropped this long after it finished.
         segmenter_factory: ``(card, weights, device, precision) -> segmenter`` (tests);
             the engine's Segmenter when None.
+        backend: the engine's CPU backend: "auto" runs on OpenVINO where it can (converting
+            each model on its first job), "torch" or "openvino".
     """
 
     def __init__(self, models: Optional[list[str]] = None, max_queue: int = 8, lease_s: float = 60.0,
-                 result_ttl_s: float = 600.0, segmenter_factory: Optional[Callable] = None):
+                 result_ttl_s: float = 600.0, segmenter_factory: Optional[Callable] = None, backend: str = "auto"):
         self.models = None if models is None else list(models)
         self.max_queue = int(max_queue)
         self.lease_s = float(lease_s)
         self.result_ttl_s = float(result_ttl_s)
-        self._factory = segmenter_factory or _engine_segmenter
+        self._factory = segmenter_factory or functools.partial(_engine_segmenter, backend=backend)
         self._jobs: dict[str, Job] = {}
         self._queues: dict[str, queue.Queue] = {}
         self._workers: dict[str, threading.Thread] = {}
@@ -335,8 +338,13 @@ def _has_weights(name: str) -> bool:
         return False
 
 
-def _engine_segmenter(card, weights, device: str, precision: str):
+def _engine_segmenter(card, weights, device: str, precision: str, backend: str = "auto"):
+    from SwinUNETRSegmentLib.inference.cpu.openvino_backend import available, preloaded_allocator
     from SwinUNETRSegmentLib.inference.engine import Segmenter
     from SwinUNETRSegmentLib.inference.options import FastPath
 
-    return Segmenter(card, weights, device=device, fast=FastPath(precision=precision))
+    # The engine service converts a model for OpenVINO on its first CPU job (once per
+    # checkpoint and machine; the process runs on the system allocator for it, memory.py).
+    if backend == "auto":
+        backend = "openvino" if available() and preloaded_allocator() is None else "auto"
+    return Segmenter(card, weights, device=device, fast=FastPath(precision=precision, backend=backend))

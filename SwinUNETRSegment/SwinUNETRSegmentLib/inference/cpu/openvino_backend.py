@@ -1,0 +1,346 @@
+"""The network on OpenVINO's CPU runtime: converted once per checkpoint, cached, and run
+window by window with progress and cancel.
+
+Why: on CPUs OpenVINO's graph compiler runs SwinUNETR 1.5 to 2.4 x faster than eager
+PyTorch with this package's fast path (``benchmarks/bench_network.py``), and it keeps its
+activation buffers between calls (no page-fault churn). PyTorch stays the path on GPUs,
+on MPS, for ``precision="float32"`` (the MONAI reference's labels exactly) and wherever
+OpenVINO is missing or cannot convert the network.
+
+The converted model (OpenVINO IR: an XML graph and a binary of weights; loading it runs
+no code) is cached under the catalog's folder in ``openvino/<key>/``, where the key is the
+SHA256 of the checkpoint file together with the card's network, the window size and the
+OpenVINO version: another checkpoint, window or OpenVINO gets its own conversion. A
+conversion is written to a temporary folder and renamed into place, so a cache entry is
+either whole or absent. OpenVINO's own compiled-blob cache (``CACHE_DIR``) sits beside it,
+so that compiling the IR again in a later process takes a fraction of the first time.
+
+This module is written by hand because no library does this caching for a MONAI
+checkpoint; the conversion and the runtime are OpenVINO's (``openvino.convert_model``,
+``Core.compile_model``, ``InferRequest.start_async``/``cancel``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+from SwinUNETRSegmentLib.errors import CancelledError, UserError
+
+__all__ = [
+    "available",
+    "no_telemetry",
+    "preloaded_allocator",
+    "version",
+    "cache_root",
+    "ir_key",
+    "ir_path",
+    "is_converted",
+    "convert",
+    "OpenVINONetwork",
+]
+
+log = logging.getLogger(__name__)
+
+#: bump when the way the graph is converted changes, so that old cache entries are not used
+FORMAT = 1
+_WAIT_MS = 100  # how often a running window looks at the cancel flag
+
+
+def no_telemetry() -> None:
+    """Keep OpenVINO's model converter from sending usage events: it does so unless the user
+    opted out (openvino-telemetry, opt-out by default for the converter). Its imports fall
+    back to a stub when ``openvino_telemetry`` cannot be imported; a clinician's engine
+    reports nothing anywhere."""
+    import sys
+
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import now raises ImportError
+
+
+def available() -> bool:
+    """Whether the ``openvino`` package can be imported here."""
+    no_telemetry()
+    try:
+        import openvino  # noqa: F401
+    except Exception:  # ImportError, or a broken native library
+        return False
+    return True
+
+
+def preloaded_allocator() -> Optional[str]:
+    """The malloc replacement loaded into this process (jemalloc, tcmalloc, TBB's proxy),
+    or None. OpenVINO's CPU plugin aborts beside one ("free(): invalid pointer")."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            maps = f.read()
+    except OSError:  # not Linux: no LD_PRELOAD here
+        return None
+    for name in ("libjemalloc", "libtcmalloc", "libtbbmalloc_proxy", "libmimalloc"):
+        if name in maps:
+            return name
+    return None
+
+
+def version() -> str:
+    no_telemetry()
+    import openvino
+
+    return str(openvino.__version__)
+
+
+def cache_root() -> Path:
+    """``<catalog home>/openvino``: next to the installed models."""
+    from SwinUNETRSegmentLib.models.catalog import home_dir
+
+    return home_dir() / "openvino"
+
+
+def ir_key(checkpoint_sha256: str, network: dict, roi_size: Sequence[int]) -> str:
+    """The cache key of a conversion: checkpoint, network, window, OpenVINO version."""
+    text = json.dumps(
+        {
+            "format": FORMAT,
+            "checkpoint": checkpoint_sha256,
+            "network": network,
+            "roi": [int(r) for r in roi_size],
+            "openvino": version(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def ir_path(key: str) -> Path:
+    return cache_root() / key / "model.xml"
+
+
+def is_converted(key: str) -> bool:
+    p = ir_path(key)
+    return p.is_file() and p.with_suffix(".bin").is_file()
+
+
+def convert(network, roi_size: Sequence[int], key: str, in_channels: int = 1) -> Path:
+    """Convert ``network`` (a float32 ``torch.nn.Module`` in eval mode) for one window of
+    ``roi_size`` and store it under ``key``; returns the IR's path. Raises what OpenVINO
+    raises when the network cannot be converted."""
+    no_telemetry()
+    import openvino as ov
+    import torch
+
+    final = ir_path(key).parent
+    final.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros((1, in_channels) + tuple(int(r) for r in roi_size))
+    t = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Tracing warns about every Python branch on a shape; the shape is fixed here
+            # (SwinUNETR's window partition reshapes by constants), so they say nothing.
+            warnings.simplefilter("ignore")
+            model = ov.convert_model(network, example_input=example, input=[ov.PartialShape(list(example.shape))])
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        _apply_umask(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process converted the same checkpoint meanwhile
+            if not is_converted(key):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted the network for OpenVINO in %.1f s (%s)", time.perf_counter() - t, final)
+    return final / "model.xml"
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp makes 0700 folders: give the cache entry the user's umask's modes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for f in folder.iterdir():
+        os.chmod(f, 0o666 & ~mask)
+
+
+class OpenVINONetwork:
+    """A converted network compiled for the CPU, called like the torch network:
+    ``(B, C_in, X, Y, Z)`` float tensor -> ``(B, C_out, X, Y, Z)`` float32 logits.
+
+    Each window runs as one asynchronous request; ``check_cancel`` is called every 0.1 s
+    while it runs and, when it raises, the request is cancelled and the error goes on.
+
+    Args:
+        path: the IR's ``model.xml``.
+        precision: "f32" or "bf16" (OpenVINO's inference precision hint).
+        threads: CPU threads for inference; None leaves OpenVINO's choice.
+    """
+
+    def __init__(self, path: Path, precision: str = "f32", threads: Optional[int] = None):
+        no_telemetry()
+        import openvino as ov
+
+        self.path, self.precision, self.threads = Path(path), precision, threads
+        core = ov.Core()
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        blobs = self.path.parent.parent / "compiled"
+        try:
+            blobs.mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(blobs)})
+        except (OSError, RuntimeError):  # a read-only cache: compile every time
+            pass
+        t = time.perf_counter()
+        self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
+        self.compile_seconds = time.perf_counter() - t
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+        self.check_cancel: Callable[[], None] = lambda: None
+
+    def __call__(self, batch):
+        import torch
+
+        outs = [self._one(batch[i : i + 1]) for i in range(batch.shape[0])]
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _one(self, window):
+        import numpy as np
+        import torch
+
+        x = np.ascontiguousarray(window.detach().to("cpu", torch.float32).numpy())
+        with self._lock:
+            req = self._request
+            self.check_cancel()
+            req.start_async([x])
+            while not req.wait_for(_WAIT_MS):
+                try:
+                    self.check_cancel()
+                except CancelledError:
+                    req.cancel()
+                    try:
+                        req.wait()  # the request is free again for the next run
+                    except RuntimeError:  # OpenVINO reports the cancelled request as an error
+                        pass
+                    raise
+            return torch.from_numpy(np.array(req.get_output_tensor(0).data, copy=True))
+
+
+class Conversion:
+    """One engine's checkpoint on OpenVINO: whether it may run there, its cache entry, and
+    the compiled network (kept while the precision and thread count stay the same).
+
+    Args:
+        card: the model card (its network and window size are part of the key).
+        checkpoint: the weights file; a network without a file (a caller's module) is never
+            converted, as there is nothing to key its conversion by.
+    """
+
+    def __init__(self, card, checkpoint: Optional[Path]):
+        self.card, self.checkpoint = card, checkpoint
+        self._key: Optional[str] = None
+        self._compiled: Optional[tuple[tuple, OpenVINONetwork]] = None
+        self.failed: Optional[str] = None  # why a conversion or compilation failed (not retried)
+
+    def usable(self, device, backend: str, precision: str) -> bool:
+        """OpenVINO may run this run: a CPU run, not held to PyTorch or to float32, from a
+        checkpoint file, with OpenVINO importable and no failure so far."""
+        return (
+            getattr(device, "type", str(device)) == "cpu"
+            and backend != "torch"
+            and precision != "float32"
+            and self.checkpoint is not None
+            and self.failed is None
+            and available()
+            and preloaded_allocator() is None
+        )
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            from SwinUNETRSegmentLib.models.checkpoint import sha256_file
+
+            network = {"name": self.card.network, "args": self.card.network_args, "decoder": self.card.decoder}
+            self._key = ir_key(sha256_file(self.checkpoint), network, self.card.roi_size)
+        return self._key
+
+    @property
+    def converted(self) -> bool:
+        return is_converted(self.key)
+
+    def convert(self) -> Path:
+        """The IR for this checkpoint, converted now when it is not in the cache (from a
+        float32 copy of the network with fused attention, which OpenVINO maps to its own
+        attention operation)."""
+        if self.converted:
+            return ir_path(self.key)
+        from SwinUNETRSegmentLib.inference.network import fused_attention
+        from SwinUNETRSegmentLib.models.checkpoint import load_model
+
+        network = load_model(self.card, self.checkpoint).float().eval()
+        in_channels = int(self.card.network_args.get("in_channels", 1))
+        try:
+            with fused_attention(network, True):
+                return convert(network, self.card.roi_size, self.key, in_channels)
+        except Exception as exc:  # OpenVINO's frontends raise many types
+            self.failed = " ".join(str(exc).split())[:200]
+            raise
+
+    def network(self, precision: str, threads: Optional[int]) -> OpenVINONetwork:
+        """The compiled network for ``precision`` ("f32"/"bf16") and ``threads``, kept."""
+        settings = (self.key, precision, threads)
+        if self._compiled is None or self._compiled[0] != settings:
+            self._compiled = None
+            try:
+                self._compiled = (settings, OpenVINONetwork(ir_path(self.key), precision, threads))
+            except Exception as exc:
+                self.failed = " ".join(str(exc).split())[:200]
+                raise
+        return self._compiled[1]
+
+    # ---- what the engine calls ----------------------------------------------------
+    def convert_for(self, device, fast) -> Optional[Path]:
+        """:meth:`convert` when this engine's runs may use OpenVINO; None otherwise or when
+        the conversion fails (logged once; the engine stays on PyTorch)."""
+        if not self.usable(device, fast.backend, fast.precision):
+            return None
+        try:
+            return self.convert()
+        except Exception:
+            log.warning("OpenVINO cannot convert model %s (%s); it runs on PyTorch", self.card.name, self.failed)
+            return None
+
+    def network_for(self, device, fast, threads: Optional[int], announce: Callable[[], None]):
+        """The compiled network for a run with the switches ``fast``, or None to run on
+        PyTorch: "auto" takes a cached conversion only; "openvino" converts now (calling
+        ``announce`` first)."""
+        from SwinUNETRSegmentLib.inference.devices import cpu_has_native_bf16
+
+        if not self.usable(device, fast.backend, fast.precision):
+            if fast.backend == "openvino" and getattr(device, "type", "") == "cpu":
+                if not available():
+                    raise UserError("backend 'openvino' needs the openvino package: pip install openvino")
+                if preloaded_allocator():
+                    raise UserError(f"backend 'openvino' cannot run beside {preloaded_allocator()} (LD_PRELOAD): "
+                                    "start without it, or set SWINUNETR_SEGMENT_ALLOCATOR=system")
+            return None
+        if not self.converted:
+            if fast.backend != "openvino":
+                return None
+            announce()
+            if self.convert_for(device, fast) is None:
+                return None
+        precision = "bf16" if cpu_has_native_bf16() and fast.precision in ("auto", "bfloat16") else "f32"
+        try:
+            return self.network(precision, threads)
+        except Exception:
+            log.warning("OpenVINO cannot compile model %s (%s); it runs on PyTorch", self.card.name, self.failed)
+            return None

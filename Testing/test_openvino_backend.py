@@ -1,0 +1,203 @@
+"""The network on OpenVINO (inference/cpu/openvino_backend.py): the labels a user gets agree
+with PyTorch's on the input's own grid, the conversion is made once per checkpoint and found
+again by its SHA256, cancel and progress still work, float32 stays on PyTorch, and the
+command line never aborts beside the preloaded allocator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SwinUNETRSegmentLib.errors import CancelledError, UserError
+from SwinUNETRSegmentLib.fileio.read import read_volume
+from SwinUNETRSegmentLib.inference.cpu import openvino_backend
+from SwinUNETRSegmentLib.inference.engine import Segmenter
+from SwinUNETRSegmentLib.inference.options import FastPath
+from SwinUNETRSegmentLib.models import catalog
+from SwinUNETRSegmentLib.training.metrics import dice_per_label
+
+pytestmark = pytest.mark.skipif(
+    not openvino_backend.available() or openvino_backend.preloaded_allocator() is not None,
+    reason="openvino is not installed here (it is a dependency: ./dev installs it), or this test process runs "
+    "under a preloaded allocator",
+)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A catalog folder of its own, with the demo model converted once for the module."""
+    folder = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SWINUNETR_SEGMENT_HOME", str(folder))
+        card, weights = catalog.resolve_model("demo")
+        assert Segmenter(card, weights, device="cpu").convert_openvino() is not None
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def example_ct(reference_files):
+    ct, _ = read_volume(reference_files / "example_ct.nii.gz")
+    return ct
+
+
+@pytest.fixture(scope="module")
+def small_ct(example_ct):
+    """The example CT at half the resolution: the same body, fewer windows."""
+    from SwinUNETRSegmentLib.geometry import Volume
+
+    m = example_ct.ijk_to_ras.copy()
+    m[:3, :3] *= 2
+    return Volume(example_ct.array[::2, ::2, ::2].copy(), m)
+
+
+def _segmenter(**fast):
+    card, weights = catalog.resolve_model("demo")
+    return Segmenter(card, weights, device="cpu", fast=FastPath(**fast))
+
+
+def test_openvino_labels_agree_with_pytorch_on_the_example_ct(home, example_ct):
+    on_ov = _segmenter().segment(example_ct)
+    on_torch = _segmenter(backend="torch").segment(example_ct)
+    assert on_ov.stats["backend"] == "openvino" and on_torch.stats["backend"] == "torch"
+    assert on_ov.labels.same_grid(example_ct)
+    a, b = on_ov.labels.array, on_torch.labels.array
+    assert (a == b).mean() > 0.999
+    # every organ the PyTorch run finds, the OpenVINO run finds in the same place
+    dice = dice_per_label(a, b, on_torch.card.labels)
+    for organ, d in dice.items():
+        if (b == next(lab.value for lab in on_torch.card.labels if lab.name == organ)).sum() > 1000:
+            assert d > 0.97, (organ, d)
+
+
+@pytest.mark.parametrize("grid", ["flipped-lps", "oblique-flipped", "permuted-non-ras"])
+def test_openvino_labels_land_on_the_input_grid_as_pytorch_s(home, example_ct, grid):
+    from conftest import GRIDS, make_affine
+
+    _, spacing, direction, origin = next(g for g in GRIDS if g[0] == grid)
+    from SwinUNETRSegmentLib.geometry import Volume
+
+    # the real CT's voxels on another grid: what matters is that both backends put each
+    # label on the same voxels of it
+    vol = Volume(example_ct.array[::2, ::2, ::2].copy(), make_affine([2 * s for s in spacing], direction, origin))
+    a = _segmenter().segment(vol)
+    b = _segmenter(backend="torch").segment(vol)
+    assert a.stats["backend"] == "openvino"
+    assert a.labels.same_grid(vol) and b.labels.same_grid(vol)
+    assert (a.labels.array == b.labels.array).mean() > 0.995
+
+
+def test_the_conversion_is_found_again_by_its_checkpoint(home, tmp_path, monkeypatch):
+    card, weights = catalog.resolve_model("demo")
+    first = Segmenter(card, weights, device="cpu")
+    assert first.openvino.converted
+    entry = openvino_backend.ir_path(first.openvino.key).parent
+    assert entry.parent == home / "openvino" and sorted(p.name for p in entry.iterdir()) == ["model.bin", "model.xml"]
+    # another process (a new Segmenter) finds it and converts nothing
+    monkeypatch.setattr(openvino_backend, "convert", lambda *a, **k: pytest.fail("converted again"))
+    assert Segmenter(card, weights, device="cpu").convert_openvino() == entry / "model.xml"
+    # other weights are another conversion: not found, and "auto" runs them on PyTorch
+    other = tmp_path / "other.pt"
+    data = bytearray(weights.read_bytes())
+    other.write_bytes(bytes(data) + b"\0")  # same weights, another file: another SHA256
+    changed = Segmenter(card, other, device="cpu")
+    assert changed.openvino.key != first.openvino.key and not changed.openvino.converted
+
+
+def test_auto_without_a_conversion_runs_on_pytorch_and_converts_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWINUNETR_SEGMENT_HOME", str(tmp_path))
+    monkeypatch.setattr(openvino_backend, "convert", lambda *a, **k: pytest.fail("auto converted"))
+    from conftest import make_affine
+
+    from SwinUNETRSegmentLib.geometry import Volume
+
+    vol = Volume(np.full((40, 40, 30), -1000, np.int16), make_affine((3, 3, 3)))
+    vol.array[10:30, 10:30, 5:25] = 40
+    result = _segmenter().segment(vol)
+    assert result.stats["backend"] == "torch"
+    assert not (tmp_path / "openvino").exists()
+
+
+def test_float32_stays_on_pytorch(home, small_ct):
+    """float32 promises the MONAI reference's labels exactly: only PyTorch gives them."""
+    result = _segmenter(precision="float32").segment(small_ct)
+    assert result.stats["backend"] == "torch" and result.stats["precision"] == "float32"
+
+
+def test_progress_counts_every_window_and_cancel_stops_within_one(home, example_ct):
+    seg = _segmenter(backend="openvino")
+    seen = []
+    cancel = threading.Event()
+
+    def progress(p):
+        if p.stage == "inference":
+            seen.append((p.done, p.total))
+            if p.done == 2:
+                cancel.set()
+
+    with pytest.raises(CancelledError):
+        seg.segment(example_ct, progress=progress, cancel=cancel)
+    assert seen[-1][0] == 2, seen  # stopped in the window after the one that asked
+    # the engine is usable again right after, and reports every window
+    seen.clear()
+    result = seg.segment(example_ct, progress=lambda p: p.stage == "inference" and seen.append((p.done, p.total)))
+    assert result.stats["backend"] == "openvino"
+    total = result.stats["windows_total"]
+    assert [d for d, _ in seen if d > 0] == list(range(1, total + 1))
+
+
+def test_openvino_asked_for_where_it_is_missing_says_how_to_get_it(home, small_ct, monkeypatch):
+    monkeypatch.setattr(openvino_backend, "available", lambda: False)
+    with pytest.raises(UserError, match="pip install openvino"):
+        _segmenter(backend="openvino").segment(small_ct)
+    assert _segmenter().segment(small_ct).stats["backend"] == "torch"
+
+
+def test_the_command_line_runs_on_openvino_beside_jemalloc(home, example_ct, tmp_path):
+    """The console script re-executes itself on jemalloc where it is installed; OpenVINO's
+    CPU plugin aborts under it ("free(): invalid pointer"), so a run that will use
+    OpenVINO keeps the system allocator, and a PyTorch run still gets jemalloc."""
+    from SwinUNETRSegmentLib.cli import runs_on_openvino
+    from SwinUNETRSegmentLib.inference.memory import allocator_env, jemalloc_library
+
+    ct = str(tmp_path / "ct.nii.gz")
+    from helpers import write_nifti
+
+    write_nifti(example_ct, Path(ct))
+    assert runs_on_openvino(["-i", ct, "-o", "x.seg.nrrd"])
+    assert runs_on_openvino(["serve"])
+    assert not runs_on_openvino(["-i", ct, "-o", "x.seg.nrrd", "--backend", "torch"])
+    assert not runs_on_openvino(["-i", ct, "-o", "x.seg.nrrd", "--precision", "float32"])
+    assert not runs_on_openvino(["models", "list"])
+    if jemalloc_library():
+        assert "LD_PRELOAD" not in allocator_env({}, openvino=True)
+        assert jemalloc_library() in allocator_env({})["LD_PRELOAD"]
+    exe = Path(sys.executable).with_name("swinunetr-segment")
+    if not exe.exists():
+        pytest.skip("the console script is not installed in this environment")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "_SWINUNETR_SEGMENT_REEXEC")}
+    out = tmp_path / "labels.nii.gz"
+    run = subprocess.run([str(exe), "-i", ct, "-o", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    labels, _ = read_volume(out)
+    assert labels.same_grid(example_ct)
+
+
+def test_conversion_sends_no_telemetry(home):
+    """OpenVINO's converter reports usage unless the user opted out: ours never loads it."""
+    code = (
+        "import sys; from SwinUNETRSegmentLib.inference.cpu import openvino_backend as ob; "
+        "from SwinUNETRSegmentLib.models import catalog; from SwinUNETRSegmentLib.inference.engine import Segmenter; "
+        "c, w = catalog.resolve_model('demo'); s = Segmenter(c, w, device='cpu'); s.openvino.key; "
+        "import openvino.tools.ovc; print(sys.modules.get('openvino_telemetry'))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO / "SwinUNETRSegment"))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-1000:]
+    assert run.stdout.strip() == "None"
