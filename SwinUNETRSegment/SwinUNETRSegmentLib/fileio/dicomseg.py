@@ -15,6 +15,9 @@ Reading (:func:`read_dicom_seg_labels`): a SEG's segments matched to a card's la
 SNOMED code (type and modifier; else the segment label as the label name), put on a grid
 as a uint8 label array: for training labels.
 
+A source that is one enhanced multi-frame image (:func:`.dicom.check_multiframe`) is referenced
+frame by frame (each SEG frame names the source frame it lies on, ReferencedFrameNumber).
+
 Source series whose Study, Series or SOP Instance UIDs are empty (anonymised exports) get
 them filled in a copy of their headers: SOP UIDs from the file meta, the others derived
 deterministically from the instances (:func:`prepare_sources`), so a rerun gives the same.
@@ -34,6 +37,7 @@ import numpy as np
 
 from SwinUNETRSegmentLib.errors import UserError
 from SwinUNETRSegmentLib.fileio.atomic import atomic_path, file_digest
+from SwinUNETRSegmentLib.fileio.dicom import check_multiframe, is_multiframe, share_frame_geometry
 from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.models.cards import LabelInfo, ModelCard
 from SwinUNETRSegmentLib.models.segment_table import present_values
@@ -103,6 +107,8 @@ def prepare_sources(datasets: Sequence, repair_invalid_uids: bool = True) -> tup
             meta_kw = "MediaStorage" + kw
             if not _uid(c.get(kw)) and meta is not None and _uid(meta.get(meta_kw)):
                 setattr(c, kw, _uid(meta.get(meta_kw)))
+        if is_multiframe(c):
+            share_frame_geometry(c)
         if not _uid(c.get("SOPInstanceUID")):
             raise UserError(f"{Path(getattr(ds, 'filename', '') or 'an instance').name} has no SOPInstanceUID; "
                             "a DICOM SEG cannot reference it: export the series again with its UIDs")
@@ -143,7 +149,7 @@ def _repair_uids(sources: list, notes: list[str]) -> None:
 def _fix_slice_spacing(sources: list, notes: list[str]) -> None:
     """highdicom copies the source's SpacingBetweenSlices into the SEG's pixel measures: where
     it disagrees with the spacing of the slice positions, the copies get the measured one."""
-    if len(sources) < 2 or any(int(ds.get("NumberOfFrames") or 1) > 1 for ds in sources):
+    if len(sources) < 2 or any(is_multiframe(ds) for ds in sources):
         return
     try:
         normal = np.cross(*np.reshape(np.asarray(sources[0].ImageOrientationPatient, float), (2, 3)))
@@ -187,13 +193,18 @@ def _description(number: int, label: LabelInfo, algorithm: Algorithm):
 
 def _source_geometry(sources: Sequence):
     """The source stack as a highdicom VolumeGeometry, its frames ordered as highdicom orders
-    a series (``get_series_volume_positions``); None for one multi-frame image or a stack
-    highdicom does not take for a volume."""
+    a series (``get_series_volume_positions``), or a multi-frame image's frames in slice order
+    (:func:`.dicom.check_multiframe`); None for a stack highdicom does not take for a volume."""
     import highdicom as hd
     from highdicom.spatial import get_series_volume_positions
 
     first = sources[0]
-    if len(sources) < 2 or int(first.get("NumberOfFrames") or 1) > 1:
+    if len(sources) == 1 and is_multiframe(first):
+        stack = check_multiframe(first, "the source image")
+        return hd.VolumeGeometry(stack.ijk_to_lps, (int(first.Columns), int(first.Rows), len(stack.order)),
+                                 coordinate_system="PATIENT", frame_of_reference_uid=_uid(first.get(
+                                     "FrameOfReferenceUID")) or None).permute_spatial_axes([2, 1, 0])
+    if len(sources) < 2 or is_multiframe(first):
         return None
     spacing, positions = get_series_volume_positions(sources, orientation_tol=1e-3)
     if spacing is None or positions is None:

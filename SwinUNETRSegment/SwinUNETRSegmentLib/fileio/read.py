@@ -6,7 +6,10 @@ is converted once, in :meth:`Volume.from_itk_geometry`. SimpleITK's GDCM reader 
 compressed DICOM (JPEG, JPEG 2000, RLE) without extra packages. A DICOM series first passes
 the geometry checks of :mod:`.dicom` (localizers left out; several orientations, gantry tilt,
 missing slices, uneven spacing refused), which also decide the slice order; its headers come
-back in ``ScanInfo.dicom`` for a DICOM SEG.
+back in ``ScanInfo.dicom`` for a DICOM SEG. A folder holding one enhanced multi-frame image
+(Enhanced CT / MR, Legacy Converted Enhanced) is placed frame by frame from its functional
+groups (:func:`.dicom.check_multiframe`: the same checks) and its frames decoded by highdicom
+(pydicom's decoders, the modality rescale of each frame applied), stacked in slice order.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from SwinUNETRSegmentLib.errors import UserError
-from SwinUNETRSegmentLib.fileio.dicom import check_series, read_headers
+from SwinUNETRSegmentLib.fileio.dicom import check_multiframe, check_series, is_multiframe, read_headers
 from SwinUNETRSegmentLib.geometry import Volume, check_volume
 
 __all__ = ["NIFTI_SUFFIXES", "ITK_SUFFIXES", "ScanInfo", "has_suffix", "read_volume", "check_volume",
@@ -235,6 +238,13 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[Volume, Sc
     series = check_series(read_headers(files), str(where))  # geometry checks; localizers left out
     if series.files and all(series.files):
         files = series.files
+    if len(series.datasets) == 1 and is_multiframe(series.datasets[0]):
+        header = series.datasets[0]
+        vol = _read_multiframe(files[0], header, str(where))
+        return vol, ScanInfo(source=str(where), modality=str(header.get("Modality") or "").strip(),
+                             description=str(header.get("SeriesDescription") or "").strip(),
+                             extra={"series_uid": uid, "files": 1, "frames": vol.shape[2], "dropped": series.dropped},
+                             dicom=series.datasets)
     r = sitk.ImageSeriesReader()
     r.SetFileNames(files)
     try:
@@ -249,6 +259,67 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[Volume, Sc
     return vol, ScanInfo(source=str(where), modality=modality, description=description,
                          extra={"series_uid": uid, "files": len(files), "dropped": series.dropped},
                          dicom=series.datasets)
+
+
+def _read_multiframe(filename: str, header, where: str) -> Volume:
+    """One multi-frame image: the frames in slice order (:func:`.dicom.check_multiframe`, which
+    also gives the geometry), decoded by highdicom with the modality rescale applied and no
+    display transform (VOI, presentation LUT), as i = column, j = row, k = frame."""
+    import pydicom
+
+    try:
+        import highdicom as hd
+    except ImportError:
+        raise UserError(f"the DICOM folder {where} holds a multi-frame image, and reading one needs highdicom, which "
+                        "this Python lacks: pip install highdicom (or segment it with the command line)") from None
+    stack = check_multiframe(header, where)
+    shape = (int(header.get("Columns") or 0), int(header.get("Rows") or 0), len(stack.order))
+    if int(header.get("SamplesPerPixel") or 1) > 1:
+        raise _shape_error(where, shape, "a multi-component (RGB or vector) image")
+    try:
+        ds = pydicom.dcmread(filename)
+        image = hd.Image.from_dataset(ds, copy=False)
+        numbers = [n + 1 for n in stack.order]
+        options = dict(apply_real_world_transform=False, apply_voi_transform=False, apply_presentation_lut=False,
+                       apply_palette_color_lut=False, apply_icc_profile=False)
+        try:
+            frames = image.get_frames(numbers, dtype=_frame_dtype(ds), **options)
+        except ValueError:  # the rescale does not fit the integer type: floats, as highdicom computes them
+            frames = image.get_frames(numbers, dtype=np.float32, **options)
+    except Exception as exc:  # pydicom and highdicom raise many types for a damaged or undecodable file
+        raise UserError(f"cannot read the frames of {Path(filename).name} in {where} ({_one_line(exc)}); check that "
+                        "the file is complete, or export it again uncompressed") from None
+    frames = np.asarray(frames)
+    if frames.shape != (shape[2], shape[1], shape[0]):
+        raise _shape_error(where, frames.shape[::-1], "not a stack of 2D scalar frames")
+    return Volume.from_lps(np.ascontiguousarray(frames.transpose(2, 1, 0)), stack.ijk_to_lps)
+
+
+def _frame_dtype(ds) -> np.dtype:
+    """The smallest of uint8, int16, uint16, int32 that holds every stored value (BitsStored) after
+    each frame's rescale slope and intercept (shared, per frame or top level), when they are
+    whole numbers; else float32 (also for float pixel data and modality LUTs)."""
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds or "ModalityLUTSequence" in ds:
+        return np.dtype(np.float32)
+    rescales = set()
+    for key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(key) or []:
+            for item in group.get("PixelValueTransformationSequence") or []:
+                if "ModalityLUTSequence" in item:
+                    return np.dtype(np.float32)
+                rescales.add((float(item.get("RescaleSlope") or 1), float(item.get("RescaleIntercept") or 0)))
+    rescales = rescales or {(float(ds.get("RescaleSlope") or 1), float(ds.get("RescaleIntercept") or 0))}
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    if not all(a.is_integer() and b.is_integer() for a, b in rescales):
+        return np.dtype(np.float32)
+    ends = [v for a, b in rescales for v in (a * lo + b, a * hi + b)]
+    for dtype in (np.uint8, np.int16, np.uint16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= min(ends) and max(ends) <= info.max:
+            return np.dtype(dtype)
+    return np.dtype(np.float32)
 
 
 def _dicom_tags(filename: str, tags: Sequence[str]) -> list[str]:

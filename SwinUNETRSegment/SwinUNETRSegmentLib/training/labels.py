@@ -1,9 +1,11 @@
-"""Training labels: label maps and Slicer segmentations as the card's label values.
+"""Training labels: label maps, Slicer segmentations and DICOM SEG as the card's label values.
 
 Labels are label maps (NIfTI, NRRD...) whose values are the card's (or translated to them
 by a ``--label-map``), or Slicer ``.seg.nrrd`` files, whose segments are matched to the
 card's labels by SNOMED code (type and modifier) or, failing that, by name, so that
-segmentations clinicians corrected in Slicer become training data. A label grid that
+segmentations clinicians corrected in Slicer become training data; or DICOM SEG ``.dcm``
+files (from a PACS, Slicer or this engine), matched the same way
+(:func:`~SwinUNETRSegmentLib.fileio.dicomseg.read_dicom_seg_labels`). A label grid that
 differs from its image's (Slicer crops ``.seg.nrrd`` to the segments' extent) is
 resampled onto the image's voxels by nearest neighbour, background outside.
 """
