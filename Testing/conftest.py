@@ -18,6 +18,21 @@ from SwinUNETRSegmentLib.geometry import Volume
 from SwinUNETRSegmentLib.models import cards
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_catalog_home(tmp_path_factory):
+    """The tests never write into the user's catalog (installed models, OpenVINO conversions):
+    SWINUNETR_SEGMENT_HOME is a folder of the session's own unless the caller set one; tests
+    that need another set theirs."""
+    if os.environ.get("SWINUNETR_SEGMENT_HOME"):
+        yield
+        return
+    os.environ["SWINUNETR_SEGMENT_HOME"] = str(tmp_path_factory.mktemp("catalog-home"))
+    try:
+        yield
+    finally:
+        os.environ.pop("SWINUNETR_SEGMENT_HOME", None)
+
+
 def tiny_card(**overrides) -> cards.ModelCard:
     """The btcv card made small enough for a 2-core CI: feature_size 12, 6 mm voxels, one 64^3 window;
     no post-processing (tests of the clean-up ask for it)."""

@@ -103,8 +103,10 @@ def start_server(home: Path, *args: str, token_file: Path | None = None) -> Serv
     tag = uuid.uuid4().hex[:8]
     ready, log = home.parent / f"ready-{tag}.json", home.parent / f"server-{tag}.log"
     token_file = token_file or home.parent / f"token-{tag}"
+    # on PyTorch unless a test asks otherwise: its labels are compared with in-process runs
+    backend = [] if "--backend" in args else ["--backend", "torch"]
     cmd = [sys.executable, "-c", LAUNCH, "serve", "--host", "127.0.0.1", "--port", "0", "--token-file",
-           str(token_file), "--ready-file", str(ready), *args]
+           str(token_file), "--ready-file", str(ready), *backend, *args]
     env = allocator_env({**os.environ, "SWINUNETR_SEGMENT_HOME": str(home)})
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
@@ -170,9 +172,10 @@ def example_ct(example_ct_path) -> Volume:
 def in_process(home, example_ct):
     """The in-process run of model 'tiny' on the example CT (the engine, no service)."""
     from SwinUNETRSegmentLib.inference.engine import Segmenter
+    from SwinUNETRSegmentLib.inference.options import FastPath
 
     card, weights = home_card(home)
-    return Segmenter(card, weights, device="auto").segment(example_ct)
+    return Segmenter(card, weights, device="auto", fast=FastPath(backend="torch")).segment(example_ct)
 
 
 # ----------------------------------------------------------------------------------------

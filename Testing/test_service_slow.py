@@ -53,9 +53,10 @@ def example_ct(example_ct_path):
 @pytest.fixture(scope="module")
 def segmenter(home):
     from SwinUNETRSegmentLib.inference.engine import Segmenter
+    from SwinUNETRSegmentLib.inference.options import FastPath
 
     card, weights = home_card(home)
-    return Segmenter(card, weights, device="auto")
+    return Segmenter(card, weights, device="auto", fast=FastPath(backend="torch"))
 
 
 @pytest.fixture(scope="module")
