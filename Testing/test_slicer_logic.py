@@ -229,6 +229,7 @@ PINS = {
     "pynrrd": "1.1.3",
     "fastapi": "0.165.0",
     "uvicorn": "0.54.0",
+    "openvino": "2026.4.1",
 }
 
 

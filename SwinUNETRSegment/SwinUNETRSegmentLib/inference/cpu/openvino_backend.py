@@ -282,17 +282,25 @@ class Conversion:
         attention operation)."""
         if self.converted:
             return ir_path(self.key)
+        import torch
+
         from SwinUNETRSegmentLib.inference.network import fused_attention
         from SwinUNETRSegmentLib.models.checkpoint import load_model
 
         network = load_model(self.card, self.checkpoint).float().eval()
         in_channels = int(self.card.network_args.get("in_channels", 1))
+        threads = torch.get_num_threads()
         try:
+            # one core fewer for the tracing: the conversion is in the background of what the
+            # user is doing (Slicer's main thread on a 2-core laptop), not in front of it
+            torch.set_num_threads(max(1, threads - 1))
             with fused_attention(network, True):
                 return convert(network, self.card.roi_size, self.key, in_channels)
         except Exception as exc:  # OpenVINO's frontends raise many types
             self.failed = " ".join(str(exc).split())[:200]
             raise
+        finally:
+            torch.set_num_threads(threads)
 
     def network(self, precision: str, threads: Optional[int]) -> OpenVINONetwork:
         """The compiled network for ``precision`` ("f32"/"bf16") and ``threads``, kept."""
