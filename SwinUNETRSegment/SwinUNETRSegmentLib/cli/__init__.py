@@ -44,6 +44,10 @@ def runs_on_openvino(argv: list[str]) -> bool:
         args, _ = build_parser().parse_known_args(argv)
         if args.device not in ("auto", "cpu") or args.precision == "float32" or getattr(args, "server", None):
             return False
+        from SwinUNETRSegmentLib.inference.cpu.openvino_backend import cache_root
+
+        if not any(cache_root().glob("*/model.xml")):
+            return False  # nothing converted on this machine: no need to hash the checkpoint
         card, weights = _model(args)
         return weights is not None and Conversion(card, weights).converted
     except BaseException:  # noqa: B036 - argparse exits, a bad card raises: the run itself will say so

@@ -22,6 +22,7 @@ checkpoint; the conversion and the runtime are OpenVINO's (``openvino.convert_mo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -78,9 +79,11 @@ def available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
 def preloaded_allocator() -> Optional[str]:
     """The malloc replacement loaded into this process (jemalloc, tcmalloc, TBB's proxy),
-    or None. OpenVINO's CPU plugin aborts beside one ("free(): invalid pointer")."""
+    or None. OpenVINO's CPU plugin aborts beside one ("free(): invalid pointer"). Read once:
+    a preloaded allocator is there from the process's start."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             maps = f.read()
