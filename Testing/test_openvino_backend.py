@@ -124,6 +124,86 @@ def test_auto_without_a_conversion_runs_on_pytorch_and_converts_nothing(tmp_path
     assert not (tmp_path / "openvino").exists()
 
 
+@pytest.fixture()
+def not_yet_converted(home, monkeypatch):
+    """The demo model as if it had never been converted: ``convert`` (which finds the module's
+    conversion in the cache) then makes it "converted"; ``gate`` holds the conversion."""
+    state = {"converted": False, "calls": 0, "gate": threading.Event()}
+    state["gate"].set()
+    real = openvino_backend.Conversion.convert
+
+    def convert(self, spare_core=True):
+        state["calls"] += 1
+        state["gate"].wait(30)
+        path = real(self, spare_core)
+        state["converted"] = True
+        return path
+
+    monkeypatch.setattr(openvino_backend.Conversion, "convert", convert)
+    monkeypatch.setattr(openvino_backend.Conversion, "converted", property(lambda self: state["converted"]))
+    return state
+
+
+def test_a_long_auto_run_converts_once_it_pays_and_finishes_on_openvino(not_yet_converted, example_ct, monkeypatch):
+    """A run whose PyTorch windows left would outlast the conversion converts in the run and
+    goes on on OpenVINO; its labels are PyTorch's to float rounding, on the input grid."""
+    monkeypatch.setattr(openvino_backend, "CONVERT_PAYS_S", 0.0)  # every run "pays" here
+    messages = []
+    result = _segmenter().segment(example_ct, progress=lambda p: messages.append((p.stage, p.message, p.done)))
+    stats = result.stats
+    assert stats["backend"] == "torch+openvino" and not_yet_converted["calls"] == 1
+    assert 1 <= stats["windows_torch"] < stats["windows_run"]
+    assert any("converting demo for OpenVINO" in m for _, m, _ in messages)
+    # progress went on past the pause and counted every window once
+    done = [d for stage, m, d in messages if stage == "inference" and m.startswith("window")]
+    assert done[-1] == stats["windows_total"] and done == sorted(done)
+    torch_only = _segmenter(backend="torch").segment(example_ct)
+    assert result.labels.same_grid(example_ct)
+    assert (result.labels.array == torch_only.labels.array).mean() > 0.999
+    # the next run of the same engine kind finds the conversion and runs on OpenVINO only
+    assert _segmenter().segment(example_ct).stats["backend"] == "openvino"
+
+
+def test_a_short_auto_run_stays_on_pytorch_and_is_never_held_up(not_yet_converted, small_ct):
+    result = _segmenter().segment(small_ct)  # the demo's seconds: far below CONVERT_PAYS_S
+    assert result.stats["backend"] == "torch" and not_yet_converted["calls"] == 0
+
+
+def test_cancel_during_an_in_run_conversion_stops_at_once(not_yet_converted, example_ct, monkeypatch):
+    import time
+
+    monkeypatch.setattr(openvino_backend, "CONVERT_PAYS_S", 0.0)
+    not_yet_converted["gate"].clear()  # the conversion takes as long as the test says
+    cancel, asked = threading.Event(), []
+
+    def progress(p):
+        if "converting" in p.message and not asked:
+            asked.append(time.monotonic())
+            cancel.set()
+
+    with pytest.raises(CancelledError):
+        _segmenter().segment(example_ct, progress=progress, cancel=cancel)
+    assert asked and time.monotonic() - asked[0] < 2.0  # not after the conversion
+    assert not not_yet_converted["converted"]
+    not_yet_converted["gate"].set()  # the conversion thread finishes its cache entry on its own
+    for worker in list(openvino_backend._conversions.values()):
+        worker.join(60)
+    assert not_yet_converted["converted"]
+
+
+def test_the_service_converts_in_the_background_after_a_pytorch_job(not_yet_converted, small_ct):
+    """What the engine service does after a job that ran on PyTorch: the conversion runs in a
+    thread, so that the next job is on OpenVINO; once converted there is nothing to start."""
+    seg = _segmenter()
+    assert seg.segment(small_ct).stats["backend"] == "torch"
+    assert seg.convert_openvino_in_background()
+    for worker in list(openvino_backend._conversions.values()):
+        worker.join(60)
+    assert not_yet_converted["calls"] == 1 and not seg.convert_openvino_in_background()
+    assert seg.segment(small_ct).stats["backend"] == "openvino"
+    assert not _segmenter(backend="torch").convert_openvino_in_background()
+
+
 def test_float32_stays_on_pytorch(home, small_ct):
     """float32 promises the MONAI reference's labels exactly: only PyTorch gives them."""
     result = _segmenter(precision="float32").segment(small_ct)

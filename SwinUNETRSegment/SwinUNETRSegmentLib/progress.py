@@ -72,6 +72,8 @@ class ProgressTracker:
         self.callback = callback
         self.clock = clock
         self._inference_start: Optional[float] = None
+        self._base = 0  # windows done when the current speed began (rebase)
+        self._last: Optional[Progress] = None
 
     def stage(self, stage: str, message: str = "") -> None:
         lo, _ = STAGES[stage]
@@ -83,14 +85,25 @@ class ProgressTracker:
         """Report ``done`` of ``total`` sliding windows finished."""
         now = self.clock()
         if self._inference_start is None or done == 0:
-            self._inference_start = now
+            self._inference_start, self._base = now, 0
         lo, hi = STAGES["inference"]
         frac = done / total if total else 1.0
         left: Optional[float] = None
-        if done > 0:
-            per_window = (now - self._inference_start) / done
+        if done > self._base:
+            per_window = (now - self._inference_start) / (done - self._base)
             left = per_window * (total - done) + self._tail_seconds(per_window * total)
         self._emit(Progress("inference", lo + (hi - lo) * frac, left, f"window {done} of {total}", done, total))
+
+    def note(self, message: str) -> None:
+        """Say what is happening now without moving the bar (a pause within a stage)."""
+        if self._last is not None:
+            p = self._last
+            self._emit(Progress(p.stage, p.fraction, None, message, p.done, p.total))
+
+    def rebase(self, done: int) -> None:
+        """The windows from ``done`` on run at another speed: estimate the time left from
+        them only (the run moved to a faster backend)."""
+        self._inference_start, self._base = self.clock(), int(done)
 
     def _tail_seconds(self, inference_seconds: float) -> float:
         lo, hi = STAGES["inference"]
@@ -100,5 +113,6 @@ class ProgressTracker:
         self._emit(Progress("writing", 1.0, 0.0, "done"))
 
     def _emit(self, p: Progress) -> None:
+        self._last = p
         if self.callback is not None:
             self.callback(p)

@@ -207,12 +207,42 @@ class Segmenter:
         model; a failure is logged once and the engine stays on PyTorch."""
         return self.openvino.convert_for(self.device, self.fast)
 
+    def convert_openvino_in_background(self) -> bool:
+        """Start converting this checkpoint for OpenVINO in a thread (on one core fewer)
+        when an "auto" engine could run there and it is not converted yet, so that the next
+        run is faster; returns whether a conversion is under way. The engine service calls
+        it after a job that ran on PyTorch."""
+        if not self.openvino.may_convert_in_run(self.device, self.fast):
+            return False
+        self.openvino.start_conversion(spare_core=True)
+        return True
+
     def _openvino_network(self, tracker: ProgressTracker):
         """The compiled OpenVINO network for this run, or None to run on PyTorch."""
         announce = lambda: tracker.stage(  # noqa: E731
             "loading model", f"converting {self.card.name} for OpenVINO (once per checkpoint)"
         )
         return self.openvino.network_for(self.device, self.fast, self._threads, announce)
+
+    def _convert_when_it_pays(self, net, windows: int, tracker: ProgressTracker, check_cancel, stats: dict):
+        """The torch network of an "auto" run on a checkpoint not converted yet, wrapped so
+        that a long run converts it once it pays and goes on on OpenVINO (the windows run
+        so far stay as PyTorch computed them)."""
+        import torch
+
+        def convert():
+            tracker.note(f"converting {self.card.name} for OpenVINO (once per checkpoint; the rest of this run is faster)")
+            return self.openvino.convert_waiting(self.fast, self._threads, check_cancel)
+
+        def on_switch(torch_windows: int, batch: int) -> None:
+            wrapper.predictor.dtype = torch.float32
+            tracker.rebase(wrapper.predictor.done + batch)
+            precision = "float32" if wrapper.openvino.precision == "f32" else "bfloat16"
+            stats.update(backend="torch+openvino", windows_torch=torch_windows, openvino_precision=precision)
+            log.info("converted %s for OpenVINO after %d windows; the rest run there", self.card.name, torch_windows)
+
+        wrapper = openvino_backend.ConvertWhenItPays(net, windows, convert, on_switch)
+        return wrapper
 
     def _air_output(self, net, dtype, backend: str):
         """The network's answer for a window of pure air (every voxel ``b_min``), once."""
@@ -352,6 +382,8 @@ class Segmenter:
             net, dtype, on_torch = ov_net, torch.float32, False
             stats.update(backend="openvino", precision=ov_net.precision.replace("f32", "float32").replace(
                 "bf16", "bfloat16"), weights="openvino")
+        elif self.openvino.may_convert_in_run(self.device, fast):
+            net = self._convert_when_it_pays(net, total - len(prepared.air_starts), tracker, check_cancel, stats)
         predictor = WindowPredictor(
             net,
             dtype,
@@ -360,6 +392,8 @@ class Segmenter:
             check_cancel,
             lambda done: tracker.windows(done, total),
         )
+        if isinstance(net, openvino_backend.ConvertWhenItPays):
+            net.predictor = predictor
 
         def attempt(plan: Plan):
             predictor.done = 0

@@ -71,8 +71,9 @@ class JobManager:
         result_ttl_s: a finished job is dropped this long after it finished.
         segmenter_factory: ``(card, weights, device, precision) -> segmenter`` (tests);
             the engine's Segmenter when None.
-        backend: the engine's CPU backend: "auto" runs on OpenVINO where it can (converting
-            each model on its first job), "torch" or "openvino".
+        backend: the engine's CPU backend: "auto" runs on OpenVINO where a conversion is
+            cached, converts a model during a long job or after its first one, "torch" or
+            "openvino" (converts before the first job).
     """
 
     def __init__(self, models: Optional[list[str]] = None, max_queue: int = 8, lease_s: float = 60.0,
@@ -269,6 +270,9 @@ class JobManager:
                 job.stage, job.message, job.fraction = "writing", "done", 1.0
                 self._finish(job, DONE)
             log.info("job %s done in %.1f s", job.id, time.time() - job.started)
+            # the next job on OpenVINO: converted now, beside the idle or next job (once)
+            if getattr(segmenter, "convert_openvino_in_background", None) and segmenter.convert_openvino_in_background():
+                log.info("converting %s for OpenVINO in the background", job.card.name)
         except Exception as exc:
             self._failed(job, exc)
 
@@ -339,12 +343,10 @@ def _has_weights(name: str) -> bool:
 
 
 def _engine_segmenter(card, weights, device: str, precision: str, backend: str = "auto"):
-    from SwinUNETRSegmentLib.inference.cpu.openvino_backend import available, preloaded_allocator
     from SwinUNETRSegmentLib.inference.engine import Segmenter
     from SwinUNETRSegmentLib.inference.options import FastPath
 
-    # The engine service converts a model for OpenVINO on its first CPU job (once per
-    # checkpoint and machine; the process runs on the system allocator for it, memory.py).
-    if backend == "auto":
-        backend = "openvino" if available() and preloaded_allocator() is None else "auto"
+    # "auto": a model not yet converted for OpenVINO runs its first CPU job on PyTorch (a long
+    # job converts once that pays, in the job) and is converted in the background after it
+    # (once per checkpoint and machine; the process runs on the system allocator, memory.py).
     return Segmenter(card, weights, device=device, fast=FastPath(precision=precision, backend=backend))

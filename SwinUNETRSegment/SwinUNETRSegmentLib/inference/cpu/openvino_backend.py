@@ -57,6 +57,14 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 _WAIT_MS = 100  # how often a running window looks at the cancel flag
 
+#: "auto" on a checkpoint not yet converted: convert during the run once the windows left
+#: would take longer than this on PyTorch. Measured on a 2-core EPYC (benchmarks/README.md,
+#: session 7): converting and compiling takes 14 s (feature size 12) to 49 s (feature size
+#: 48), and OpenVINO then saves 40-45 % of each window's time (bfloat16 CPUs; more on
+#: float32-only ones), so 120 s of PyTorch work left pays for the conversion in the same
+#: run; a shorter run (the demo: 4 s) stays on PyTorch and is never held up by it.
+CONVERT_PAYS_S = 120.0
+
 
 def no_telemetry() -> None:
     """Keep OpenVINO's model converter from sending usage events: it does so unless the user
@@ -279,10 +287,11 @@ class Conversion:
     def converted(self) -> bool:
         return is_converted(self.key)
 
-    def convert(self) -> Path:
+    def convert(self, spare_core: bool = True) -> Path:
         """The IR for this checkpoint, converted now when it is not in the cache (from a
         float32 copy of the network with fused attention, which OpenVINO maps to its own
-        attention operation)."""
+        attention operation). ``spare_core``: trace on one core fewer (a conversion beside
+        the user's work); False when a run waits for it."""
         if self.converted:
             return ir_path(self.key)
         import torch
@@ -296,7 +305,7 @@ class Conversion:
         try:
             # one core fewer for the tracing: the conversion is in the background of what the
             # user is doing (Slicer's main thread on a 2-core laptop), not in front of it
-            torch.set_num_threads(max(1, threads - 1))
+            torch.set_num_threads(max(1, threads - 1) if spare_core else threads)
             with fused_attention(network, True):
                 return convert(network, self.card.roi_size, self.key, in_channels)
         except Exception as exc:  # OpenVINO's frontends raise many types
@@ -304,6 +313,11 @@ class Conversion:
             raise
         finally:
             torch.set_num_threads(threads)
+
+    def precision_for(self, fast) -> str:
+        from SwinUNETRSegmentLib.inference.devices import cpu_has_native_bf16
+
+        return "bf16" if cpu_has_native_bf16() and fast.precision in ("auto", "bfloat16") else "f32"
 
     def network(self, precision: str, threads: Optional[int]) -> OpenVINONetwork:
         """The compiled network for ``precision`` ("f32"/"bf16") and ``threads``, kept."""
@@ -333,8 +347,6 @@ class Conversion:
         """The compiled network for a run with the switches ``fast``, or None to run on
         PyTorch: "auto" takes a cached conversion only; "openvino" converts now (calling
         ``announce`` first)."""
-        from SwinUNETRSegmentLib.inference.devices import cpu_has_native_bf16
-
         if not self.usable(device, fast.backend, fast.precision):
             if fast.backend == "openvino" and getattr(device, "type", "") == "cpu":
                 if not available():
@@ -349,9 +361,92 @@ class Conversion:
             announce()
             if self.convert_for(device, fast) is None:
                 return None
-        precision = "bf16" if cpu_has_native_bf16() and fast.precision in ("auto", "bfloat16") else "f32"
         try:
-            return self.network(precision, threads)
+            return self.network(self.precision_for(fast), threads)
         except Exception:
             log.warning("OpenVINO cannot compile model %s (%s); it runs on PyTorch", self.card.name, self.failed)
             return None
+
+    def may_convert_in_run(self, device, fast) -> bool:
+        """"auto" on a checkpoint that OpenVINO may run but that is not converted yet."""
+        return fast.backend == "auto" and self.usable(device, fast.backend, fast.precision) and not self.converted
+
+    def start_conversion(self, spare_core: bool = True) -> threading.Thread:
+        """Convert in a thread (one per checkpoint: a conversion under way is joined, not
+        repeated); returns the thread."""
+        with _conversions_lock:
+            worker = _conversions.get(self.key)
+            if worker is None or not worker.is_alive():
+
+                def work() -> None:
+                    try:
+                        self.convert(spare_core=spare_core)
+                    except Exception:  # OpenVINO's frontends raise many types; self.failed says
+                        pass
+
+                worker = threading.Thread(target=work, name="openvino-convert", daemon=True)
+                _conversions[self.key] = worker
+                worker.start()
+        return worker
+
+    def convert_waiting(self, fast, threads: Optional[int], check_cancel: Callable[[], None]):
+        """Convert and compile in a thread while this one polls ``check_cancel`` every 0.1 s
+        (OpenVINO's conversion cannot be interrupted: on cancel the thread finishes the cache
+        entry on its own and the run stops at once). Returns the compiled network, or None
+        when the conversion or compilation failed (logged; the run stays on PyTorch)."""
+        worker = self.start_conversion(spare_core=False)
+        while worker.is_alive():
+            worker.join(_WAIT_MS / 1000)
+            check_cancel()
+        if not self.converted:
+            log.warning("OpenVINO cannot convert model %s (%s); it runs on PyTorch", self.card.name, self.failed)
+            return None
+        try:
+            return self.network(self.precision_for(fast), threads)
+        except Exception:
+            log.warning("OpenVINO cannot compile model %s (%s); it runs on PyTorch", self.card.name, self.failed)
+            return None
+
+
+# conversions running in a thread, by key: a run that needs one already under way waits for it
+_conversions: dict[str, threading.Thread] = {}
+_conversions_lock = threading.Lock()
+
+
+class ConvertWhenItPays:
+    """The PyTorch network of an "auto" run whose checkpoint is not converted yet, called
+    like it: after each call it estimates the time the windows left would take on PyTorch
+    and, once that is over ``pays_s``, has them converted (``convert``: returns the compiled
+    OpenVINO network or None) and runs the rest on OpenVINO.
+
+    Args:
+        torch_network: the network as the run calls it.
+        windows_left: windows this run will send through the network.
+        convert: () -> OpenVINONetwork or None; called at most once.
+        on_switch: called with the windows done on PyTorch and the size of the last batch
+            when the run moves to OpenVINO.
+        pays_s: see :data:`CONVERT_PAYS_S`.
+    """
+
+    def __init__(self, torch_network, windows_left: int, convert, on_switch, pays_s: Optional[float] = None):
+        self.torch_network, self.windows_left, self.convert, self.on_switch = (
+            torch_network, int(windows_left), convert, on_switch)
+        self.pays_s = CONVERT_PAYS_S if pays_s is None else float(pays_s)
+        self.openvino: Optional[OpenVINONetwork] = None
+        self.decided = False
+        self.torch_windows, self.torch_seconds = 0, 0.0
+
+    def __call__(self, batch):
+        if self.openvino is not None:
+            return self.openvino(batch)
+        t = time.perf_counter()
+        out = self.torch_network(batch)
+        self.torch_seconds += time.perf_counter() - t
+        self.torch_windows += int(batch.shape[0])
+        left = self.windows_left - self.torch_windows
+        if not self.decided and left > 0 and left * self.torch_seconds / self.torch_windows > self.pays_s:
+            self.decided = True
+            self.openvino = self.convert()
+            if self.openvino is not None:
+                self.on_switch(self.torch_windows, int(batch.shape[0]))
+        return out
