@@ -226,7 +226,7 @@ class Segmenter:
 
     def _convert_when_it_pays(self, net, windows: int, tracker: ProgressTracker, check_cancel, stats: dict):
         """The torch network of an "auto" run on a checkpoint not converted yet, wrapped so
-        that a long run converts it once it pays and goes on on OpenVINO (the windows run
+        that a long run converts it once that pays (``ConvertWhenItPays``) and goes on on OpenVINO (the windows run
         so far stay as PyTorch computed them)."""
         import torch
 
@@ -241,7 +241,13 @@ class Segmenter:
             stats.update(backend="torch+openvino", windows_torch=torch_windows, openvino_precision=precision)
             log.info("converted %s for OpenVINO after %d windows; the rest run there", self.card.name, torch_windows)
 
-        wrapper = openvino_backend.ConvertWhenItPays(net, windows, convert, on_switch)
+        from SwinUNETRSegmentLib.inference.devices import cpu_has_native_bf16
+
+        parameters = sum(p.numel() for p in self._network.parameters())
+        gain = openvino_backend.GAIN_BFLOAT16 if cpu_has_native_bf16() else openvino_backend.GAIN_FLOAT32
+        wrapper = openvino_backend.ConvertWhenItPays(
+            net, windows, convert, on_switch, openvino_backend.conversion_seconds(parameters), gain
+        )
         return wrapper
 
     def _air_output(self, net, dtype, backend: str):

@@ -57,13 +57,24 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 _WAIT_MS = 100  # how often a running window looks at the cancel flag
 
-#: "auto" on a checkpoint not yet converted: convert during the run once the windows left
-#: would take longer than this on PyTorch. Measured on a 2-core EPYC (benchmarks/README.md,
-#: session 7): converting and compiling takes 14 s (feature size 12) to 49 s (feature size
-#: 48), and OpenVINO then saves 40-45 % of each window's time (bfloat16 CPUs; more on
-#: float32-only ones), so 120 s of PyTorch work left pays for the conversion in the same
-#: run; a shorter run (the demo: 4 s) stays on PyTorch and is never held up by it.
-CONVERT_PAYS_S = 120.0
+#: "auto" on a checkpoint not yet converted converts during the run when the time OpenVINO
+#: would save on the windows left exceeds the conversion's cost times this margin. Measured on
+#: a 2-core EPYC with native bfloat16 (benchmarks/README.md, session 7): converting and
+#: compiling costs 14 s at feature size 12 and 60 s at feature size 48 (10 s + 50 s per 62
+#: million weights, :func:`conversion_seconds`); OpenVINO then saves 18 % of a feature-48 run
+#: there (117 s against 142 s on the example CT) and more where PyTorch runs float32: the
+#: issue's AVX2-only EPYC ran a window in 10.7 s eager and 4.5 s on OpenVINO float32, of
+#: which :data:`GAIN_FLOAT32` assumes a conservative part. A run that would not win by the
+#: margin stays on PyTorch and is never held up.
+CONVERT_MARGIN = 1.5
+GAIN_BFLOAT16 = 0.18
+GAIN_FLOAT32 = 0.40
+
+
+def conversion_seconds(parameters: int) -> float:
+    """The estimated seconds to convert and compile a network of ``parameters`` weights
+    (two measured points, feature size 12 and 48, on a 2-core EPYC)."""
+    return 10.0 + 50.0 * parameters / 62e6
 
 
 def no_telemetry() -> None:
@@ -416,8 +427,9 @@ _conversions_lock = threading.Lock()
 class ConvertWhenItPays:
     """The PyTorch network of an "auto" run whose checkpoint is not converted yet, called
     like it: after each call it estimates the time the windows left would take on PyTorch
-    and, once that is over ``pays_s``, has them converted (``convert``: returns the compiled
-    OpenVINO network or None) and runs the rest on OpenVINO.
+    and, once ``gain`` of that exceeds ``cost_s`` times :data:`CONVERT_MARGIN`, has them
+    converted (``convert``: returns the compiled OpenVINO network or None) and runs the
+    rest on OpenVINO.
 
     Args:
         torch_network: the network as the run calls it.
@@ -425,16 +437,22 @@ class ConvertWhenItPays:
         convert: () -> OpenVINONetwork or None; called at most once.
         on_switch: called with the windows done on PyTorch and the size of the last batch
             when the run moves to OpenVINO.
-        pays_s: see :data:`CONVERT_PAYS_S`.
+        cost_s: the conversion's estimated seconds (:func:`conversion_seconds`).
+        gain: the share of a window's PyTorch time OpenVINO saves here.
     """
 
-    def __init__(self, torch_network, windows_left: int, convert, on_switch, pays_s: Optional[float] = None):
+    def __init__(self, torch_network, windows_left: int, convert, on_switch, cost_s: float, gain: float):
         self.torch_network, self.windows_left, self.convert, self.on_switch = (
             torch_network, int(windows_left), convert, on_switch)
-        self.pays_s = CONVERT_PAYS_S if pays_s is None else float(pays_s)
+        self.cost_s, self.gain = float(cost_s), float(gain)
         self.openvino: Optional[OpenVINONetwork] = None
         self.decided = False
         self.torch_windows, self.torch_seconds = 0, 0.0
+
+    def pays(self) -> bool:
+        left = self.windows_left - self.torch_windows
+        saved = self.gain * left * self.torch_seconds / max(1, self.torch_windows)
+        return left > 0 and saved > CONVERT_MARGIN * self.cost_s
 
     def __call__(self, batch):
         if self.openvino is not None:
@@ -443,8 +461,7 @@ class ConvertWhenItPays:
         out = self.torch_network(batch)
         self.torch_seconds += time.perf_counter() - t
         self.torch_windows += int(batch.shape[0])
-        left = self.windows_left - self.torch_windows
-        if not self.decided and left > 0 and left * self.torch_seconds / self.torch_windows > self.pays_s:
+        if not self.decided and self.pays():
             self.decided = True
             self.openvino = self.convert()
             if self.openvino is not None:
