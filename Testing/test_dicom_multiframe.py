@@ -177,6 +177,28 @@ def test_command_line_seg_of_a_multiframe_image(multiframe, capsys, tmp_path, ti
         assert np.allclose(positions[int(ref.ReferencedFrameNumber) - 1], where, atol=1e-3)
 
 
+def test_a_multiframe_file_is_an_input_of_its_own(multiframe, capsys, tmp_path, tiny_card_file, tiny_checkpoint):
+    """``-i file.dcm``: the one file reads as its folder does and gets its own SEG; a single
+    slice or a SEG given as a file says what to give instead, in one line, exit 2."""
+    _kind, _truth, series_folder, path = multiframe
+    from_file, info = read_volume(path)
+    from_folder, _ = read_volume(path.parent)
+    assert np.array_equal(from_file.array, from_folder.array)
+    assert np.allclose(from_file.ijk_to_ras, from_folder.ijk_to_ras, atol=1e-6)
+    assert info.extra["frames"] == from_file.shape[2] and len(info.dicom) == 1
+    out = tmp_path / "from-file.dcm"
+    rc, _, err = _run(capsys, ["-i", path, "-o", out, "--card", tiny_card_file, "--checkpoint", tiny_checkpoint,
+                               "--device", "cpu", "--backend", "torch", "-q"])
+    assert rc == 0, err
+    assert dciodvfy_errors(out) == []
+    assert np.array_equal(read_dicom_seg_labels(out, tiny_card(), from_file), read_label(out, tiny_card(), from_file))
+    for wrong, says in ((_files(series_folder)[0], "single DICOM slice; give the folder"), (out, "")):
+        rc, _, err = _run(capsys, ["-i", wrong, "-o", tmp_path / f"x-{wrong.stem}.nii.gz", "--card", tiny_card_file,
+                                   "--checkpoint", tiny_checkpoint, "--device", "cpu", "-q"])
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+        assert "Traceback" not in err and not (tmp_path / f"x-{wrong.stem}.nii.gz").exists()
+
+
 def _edit(path, change) -> None:
     ds = pydicom.dcmread(path)
     change(ds)

@@ -25,6 +25,7 @@ from typing import Optional
 
 from SwinUNETRSegmentLib.cli.app import PROG
 from SwinUNETRSegmentLib.errors import UserError
+from SwinUNETRSegmentLib.fileio.read import DICOM_SUFFIXES, has_suffix
 
 __all__ = ["OUTPUT_TYPES", "BATCH_SUFFIXES", "output_suffixes", "dicom_seg_output", "check_dicom_seg_input",
            "write_output", "run_pacs", "parse_query"]
@@ -54,10 +55,10 @@ def dicom_seg_output(args: argparse.Namespace, path) -> bool:
 def check_dicom_seg_input(args: argparse.Namespace, outputs) -> None:
     """Before any work: a DICOM SEG output needs a DICOM series as input."""
     seg = [o for o in outputs if dicom_seg_output(args, o)]
-    if seg and args.input and not Path(args.input).is_dir():
+    if seg and args.input and not Path(args.input).is_dir() and not has_suffix(args.input, DICOM_SUFFIXES):
         raise UserError(f"cannot write {Path(seg[0]).name}: a DICOM SEG references the DICOM series it segments, "
                         f"and {Path(args.input).name} is not a DICOM series, so there is no series to reference; "
-                        "give a DICOM folder (or --pacs) as input, or write .seg.nrrd or .nii.gz")
+                        "give a DICOM folder, a multi-frame .dcm file (or --pacs) as input, or write .seg.nrrd or .nii.gz")
 
 
 def write_output(args: argparse.Namespace, path, result, info, segmenter) -> list[Path]:

@@ -34,6 +34,7 @@ __all__ = ["NIFTI_SUFFIXES", "ITK_SUFFIXES", "ScanInfo", "has_suffix", "read_vol
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 _STDERR_LOCK = threading.RLock()
 
@@ -115,14 +116,16 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> tuple[Volume
     p = Path(path)
     if not p.exists():
         raise UserError(f"input not found: {path}; check the path")
-    if not (p.is_dir() or has_suffix(p, NIFTI_SUFFIXES + ITK_SUFFIXES)):
+    if not (p.is_dir() or has_suffix(p, NIFTI_SUFFIXES + ITK_SUFFIXES + DICOM_SUFFIXES)):
         raise UserError(
             f"cannot read {p.name}: unsupported file type; give a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
-            "MetaImage (.mha, .mhd) file or a folder holding one DICOM series"
+            "MetaImage (.mha, .mhd) file, a multi-frame DICOM file (.dcm) or a folder holding one DICOM series"
         )
     with native_stderr_held():
         if p.is_dir():
             vol, info = _read_dicom_folder(p, series_uid)
+        elif has_suffix(p, DICOM_SUFFIXES):
+            vol, info = _read_dicom_file(p)
         elif has_suffix(p, NIFTI_SUFFIXES):
             vol, info = _read_nifti(p)
         else:
@@ -258,6 +261,24 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[Volume, Sc
     vol = _itk_image_to_volume(image, str(where))
     return vol, ScanInfo(source=str(where), modality=modality, description=description,
                          extra={"series_uid": uid, "files": len(files), "dropped": series.dropped},
+                         dicom=series.datasets)
+
+
+def _read_dicom_file(p: Path) -> tuple[Volume, ScanInfo]:
+    """One DICOM file that is a whole volume: an enhanced (multi-frame) CT or MR image. A
+    single slice is not a volume: its folder is."""
+    headers = read_headers([p])
+    if not headers:
+        raise UserError(f"cannot read {p.name}: not a DICOM file, or a damaged one; check the file")
+    header = headers[0]
+    if not is_multiframe(header):
+        raise UserError(f"{p.name} is a single DICOM slice; give the folder that holds its whole series")
+    series = check_series(headers, str(p))  # a SEG, a report or a localizer is refused here
+    vol = _read_multiframe(str(p), header, str(p))
+    return vol, ScanInfo(source=str(p), modality=str(header.get("Modality") or "").strip(),
+                         description=str(header.get("SeriesDescription") or "").strip(),
+                         extra={"series_uid": str(header.get("SeriesInstanceUID") or ""), "files": 1,
+                                "frames": vol.shape[2], "dropped": series.dropped},
                          dicom=series.datasets)
 
 
