@@ -58,7 +58,8 @@ def check_dicom_seg_input(args: argparse.Namespace, outputs) -> None:
     if seg and args.input and not Path(args.input).is_dir() and not has_suffix(args.input, DICOM_SUFFIXES):
         raise UserError(f"cannot write {Path(seg[0]).name}: a DICOM SEG references the DICOM series it segments, "
                         f"and {Path(args.input).name} is not a DICOM series, so there is no series to reference; "
-                        "give a DICOM folder, a multi-frame .dcm file (or --pacs) as input, or write .seg.nrrd or .nii.gz")
+                        "give a DICOM folder, a multi-frame .dcm file (or --pacs) as input, "
+                        "or write .seg.nrrd or .nii.gz")
 
 
 def write_output(args: argparse.Namespace, path, result, info, segmenter) -> list[Path]:

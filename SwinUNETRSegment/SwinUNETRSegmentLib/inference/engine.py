@@ -231,7 +231,9 @@ class Segmenter:
         import torch
 
         def convert():
-            tracker.note(f"converting {self.card.name} for OpenVINO (once per checkpoint; the rest of this run is faster)")
+            tracker.note(
+                f"converting {self.card.name} for OpenVINO (once per checkpoint; the rest of this run is faster)"
+            )
             return self.openvino.convert_waiting(self.fast, self._threads, check_cancel)
 
         def on_switch(torch_windows: int, batch: int) -> None:

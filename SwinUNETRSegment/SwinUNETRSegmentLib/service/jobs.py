@@ -271,7 +271,8 @@ class JobManager:
                 self._finish(job, DONE)
             log.info("job %s done in %.1f s", job.id, time.time() - job.started)
             # the next job on OpenVINO: converted now, beside the idle or next job (once)
-            if getattr(segmenter, "convert_openvino_in_background", None) and segmenter.convert_openvino_in_background():
+            background = getattr(segmenter, "convert_openvino_in_background", None)
+            if background is not None and background():
                 log.info("converting %s for OpenVINO in the background", job.card.name)
         except Exception as exc:
             self._failed(job, exc)
