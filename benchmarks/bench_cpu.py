@@ -22,6 +22,13 @@ Examples (``./dev python benchmarks/bench_cpu.py ...``):
 
 Timing does not depend on the weights' values, so the timing run uses seeded random
 weights (written once into the cache); agreement needs trained weights.
+
+The engine's pipelines run as the command line runs them: on the system allocator where
+they may use OpenVINO (jemalloc for ``torch``), with a catalog folder of the bench run's own
+shared by their repetitions. So ``engine`` (the defaults) is a user's first run in its
+first repetition (on PyTorch, converting for OpenVINO during the run where that pays) and a
+later run in the others (on that conversion): compare ``--repeats 1`` with ``first-run``
+and ``openvino``, which are always the first run and always a run after ``models convert``.
 """
 
 from __future__ import annotations
@@ -58,8 +65,8 @@ VARIANTS = {
     "no-pointwise": {"pointwise_matmul": False},
     # the engine as session 2 left it (before the cached attention and the channel products)
     "session2": {"cached_attention": False, "pointwise_matmul": False},
-    # the network on PyTorch, or on OpenVINO (converted before the clock starts, as after
-    # `models convert`; its seconds are reported as convert_s)
+    # the network on PyTorch, or on OpenVINO (converted and compiled once, in a process of its
+    # own before the measured one, as after `models convert`; its seconds are convert_s)
     "torch": {"backend": "torch"},
     "openvino": {"backend": "openvino"},
     # a user's first run: the default backend with nothing converted (an empty catalog
@@ -109,13 +116,7 @@ def worker(args) -> None:
 
             os.environ["SWINUNETR_SEGMENT_HOME"] = tempfile.mkdtemp(prefix="bench-first-")
             atexit.register(shutil.rmtree, os.environ["SWINUNETR_SEGMENT_HOME"], True)
-        if fast.backend == "openvino":
-            import atexit
-            import shutil
-
-            if "SWINUNETR_SEGMENT_HOME" not in os.environ:
-                os.environ["SWINUNETR_SEGMENT_HOME"] = tempfile.mkdtemp(prefix="bench-ov-")
-                atexit.register(shutil.rmtree, os.environ["SWINUNETR_SEGMENT_HOME"], True)
+        if args.prepare:  # openvino: convert and compile once, in a process of its own (as `models convert`)
             from SwinUNETRSegmentLib.geometry import Volume
 
             t = time.perf_counter()
@@ -124,7 +125,8 @@ def worker(args) -> None:
             result["convert_s"] = time.perf_counter() - t
             # compiled once, as in a user's earlier run (OpenVINO's compiled-blob cache)
             warm.segment(Volume(np.zeros((8, 8, 8), np.int16), np.diag([40.0, 40.0, 40.0, 1.0])))
-            del warm
+            Path(args.result_json).write_text(json.dumps(result))
+            return
         t0 = time.perf_counter()
         vol, _ = read_volume(args.input)
         read = time.perf_counter() - t0
@@ -160,6 +162,17 @@ def engine_fastpath(variant: str, overrides: dict):
     base = None if base is None else {k: v for k, v in base.items() if k not in SEGMENTER_KEYS}
     fast = FastPath.plain() if base is None else FastPath().but(**base)
     return fast.but(**overrides) if overrides else fast
+
+
+def may_run_openvino(pipeline: str, args) -> bool:
+    """Whether the command line would keep this engine pipeline on the system allocator (it
+    may run, or convert in the run, on OpenVINO: ``cli.runs_on_openvino``)."""
+    from SwinUNETRSegmentLib.inference.memory import openvino_installed
+
+    if not openvino_installed() or not args.device.startswith(("cpu", "auto")):
+        return False
+    fast = engine_fastpath(pipeline, json.loads(args.set or "{}"))
+    return fast.backend != "torch" and fast.precision != "float32"
 
 
 def engine_card_overlap(variant: str, card):
@@ -210,7 +223,22 @@ def run_child(pipeline: str, input_path: Path, card: Path, checkpoint: Path, arg
         # as MONAI's users run it.
         from SwinUNETRSegmentLib.inference.memory import allocator_env
 
-        env = None if pipeline == "reference" else allocator_env(openvino=pipeline in ("openvino", "first-run"))
+        env = None if pipeline == "reference" else allocator_env(openvino=may_run_openvino(pipeline, args))
+        if env is not None and pipeline not in ("openvino", "first-run"):
+            # the engine's catalog folder of this bench run (shared by its repetitions, as a
+            # user's runs share theirs): what a run converts for OpenVINO stays out of the user's
+            env["SWINUNETR_SEGMENT_HOME"] = str(tmp / "engine-home")
+        if pipeline == "openvino":
+            # converted and compiled once per bench run in a process of its own, so that the
+            # measured process's time and peak memory are a run's after `models convert`
+            env["SWINUNETR_SEGMENT_HOME"] = str(tmp / f"ov-home-{Path(checkpoint).stem}")
+            prepared = tmp / f"ov-home-{Path(checkpoint).stem}.json"
+            if not prepared.exists():
+                prep = subprocess.run(cmd[:-2] + ["--result-json", str(prepared), "--prepare"], stdout=logf,
+                                      stderr=subprocess.STDOUT, env=env)
+                if prep.returncode != 0:
+                    sys.stderr.write(log_path.read_text()[-4000:])
+                    raise SystemExit(f"openvino: the conversion failed (exit {prep.returncode})")
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         maxrss_mb = None
         if hasattr(os, "wait4"):
@@ -224,6 +252,8 @@ def run_child(pipeline: str, input_path: Path, card: Path, checkpoint: Path, arg
         sys.stderr.write(log_path.read_text()[-4000:])
         raise SystemExit(f"{pipeline} failed on {input_path.name} (exit {proc.returncode})")
     result = json.loads(result_json.read_text())
+    if pipeline == "openvino":
+        result.update(json.loads((tmp / f"ov-home-{Path(checkpoint).stem}.json").read_text()))
     result["process_wall"] = wall
     result["peak_rss_mb"] = maxrss_mb if maxrss_mb is not None else result["self_maxrss_mb"]
     result["labels"] = labels_out
@@ -278,6 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--input", default=None, help=argparse.SUPPRESS)
     p.add_argument("--labels-out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
@@ -388,7 +419,8 @@ def summarize(name: str, path: Path, runs: dict, card_path: Path, args) -> dict:
         win = f"{st.get('windows_run', '')}/{st.get('windows_full_image', '')}" if st else "all"
         stage_txt = " ".join(f"{k} {v:.1f}" for k, v in stages.items())
         if st.get("backend", "torch") != "torch":  # where the network ran (and for how many windows on PyTorch)
-            stage_txt += f"  [{st['backend']}" + (f", {st['windows_torch']} on torch" if "windows_torch" in st else "") + "]"
+            on_torch = f", {st['windows_torch']} on torch" if "windows_torch" in st else ""
+            stage_txt += f"  [{st['backend']}{on_torch}]"
         print(
             f"{pl:>10} {total:13.1f} {ref_total / total:6.2f} {rss:12.0f} {rss / ref_rss:5.2f} {win:>9} {mean:9.4f}"
             f"  {stage_txt}"
