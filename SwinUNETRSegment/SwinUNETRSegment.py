@@ -15,7 +15,7 @@ from slicer.util import VTKObservationMixin
 from SwinUNETRSegmentLib.merge import MergePolicy, summarize
 from SwinUNETRSegmentLib.models.catalog import DEFAULT_MODEL
 from SwinUNETRSegmentSlicer import mrml, panel, qtutils
-from SwinUNETRSegmentSlicer.controller import CANCELLED, DONE, ERROR, INFO, MODELS, PROGRESS, ServerSettings
+from SwinUNETRSegmentSlicer.controller import CANCELLED, DONE, ERROR, INFO, MODELS, PROGRESS, ServerSettings, TokenFile
 from SwinUNETRSegmentSlicer.logic import SegmentationLogic
 from SwinUNETRSegmentSlicer.qtutils import SettingsStore
 from SwinUNETRSegmentSlicer.sampledata import registerSampleData
@@ -110,7 +110,7 @@ class SwinUNETRSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SwinUNETRSegmentLogic()
-        self.servers = ServerSettings(SettingsStore())  # the tokens (never in the scene) and the yes per server
+        self.servers = ServerSettings(SettingsStore(), TokenFile(qtutils.tokenFilePath()))  # tokens: a 0600 file
 
         # The engine runs in another process; this timer moves the run on a few ms at a time.
         self._timer = qt.QTimer()

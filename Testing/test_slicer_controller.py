@@ -313,6 +313,28 @@ def test_server_fields_keep_one_token_per_server_and_say_where_a_run_goes():
     assert servers.consent.needed("https://gpu.example:8443")
 
 
+def test_tokens_live_in_a_file_only_the_user_can_read_not_in_slicers_settings(tmp_path, caplog):
+    store = {"SwinUNETRSegment/ServerTokens/https://old.example:443": "from-an-earlier-version",
+             "SwinUNETRSegment/ApprovedServers/https://old.example:443": "yes"}
+    tokens = ctl.TokenFile(tmp_path / "SwinUNETRSegment" / "server-tokens.json")
+    servers = ctl.ServerSettings(store, tokens)
+    servers.setToken("https://GPU.example:8443/", " secret ")
+    assert servers.where("server", "https://gpu.example:8443") == ctl.Where("https://gpu.example:8443", "secret")
+    # an earlier version's token moves out of the settings; the yes stays there
+    assert servers.token("https://old.example") == "from-an-earlier-version"
+    assert store == {"SwinUNETRSegment/ApprovedServers/https://old.example:443": "yes"}
+    assert "secret" not in repr(store)
+    assert (tokens.path.stat().st_mode & 0o777) == 0o600
+    assert [p.name for p in tokens.path.parent.iterdir()] == ["server-tokens.json"]  # no temporary left
+    again = ctl.ServerSettings({}, ctl.TokenFile(tokens.path))  # Slicer restarted
+    assert again.token("https://gpu.example:8443") == "secret"
+    again.setToken("https://gpu.example:8443", "")  # cleared: gone from the file
+    assert again.token("https://gpu.example:8443") == "" and "gpu" not in tokens.path.read_text()
+    tokens.path.write_text("{not json")  # a damaged file: no tokens, one log line, asked again
+    assert again.token("https://old.example") == ""
+    assert "cannot read the server tokens" in caplog.text
+
+
 def free_port() -> int:
     import socket
 

@@ -9,8 +9,13 @@ The widget calls :meth:`Controller.tick` from a QTimer and shows what it returns
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, MutableMapping, Optional
 from urllib.parse import urlsplit
 
@@ -18,6 +23,8 @@ from SwinUNETRSegmentLib.progress import Progress
 
 from .enginerun import CANCELLED, DONE, ERROR, INFO, PROGRESS, EngineRun, JobEvent, LocalEndpoint, RemoteEndpoint
 from .servermodels import ServerModels
+
+log = logging.getLogger(__name__)
 
 IDLE, INSTALLING, RUNNING = "idle", "installing", "running"
 #: the event of :meth:`Controller.listModels`' answer (value: a :class:`.servermodels.ModelList`)
@@ -66,20 +73,73 @@ class Where:
 THIS_COMPUTER = Where()
 
 
+class TokenFile:
+    """The servers' tokens in a JSON file only its owner may read (mode 0600, like ``~/.netrc``;
+    written whole to a temporary file and renamed), not in Slicer's settings file, which
+    Slicer and other modules read and users copy between machines.
+
+    A missing or unreadable file holds no tokens (the user is asked again); one line in the
+    log says why."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the server tokens in %s (%s); they will be asked for again", self.path, exc)
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def get(self, key: str) -> str:
+        return self._read().get(key, "")
+
+    def set(self, key: str, token: str) -> None:
+        tokens = self._read()
+        if token:
+            tokens[key] = token
+        else:
+            tokens.pop(key, None)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tokens-", dir=self.path.parent)  # 0600 from mkstemp
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(tokens, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
 class ServerSettings:
-    """The server fields kept in ``store`` (the panel: QSettings): one token per server, never
-    in the scene, and the user's yes per server (:attr:`consent`)."""
+    """The server fields: one token per server (in ``tokens``, a :class:`TokenFile`; never in
+    the scene) and the user's yes per server (:attr:`consent`, in ``store``: the panel's
+    QSettings). A token an earlier version kept in ``store`` moves to ``tokens`` when read."""
 
     TOKEN_KEY = "SwinUNETRSegment/ServerTokens/"
 
-    def __init__(self, store: MutableMapping[str, Any]):
-        self.store, self.consent = store, ServerConsent(store)
+    def __init__(self, store: MutableMapping[str, Any], tokens: Optional[TokenFile] = None):
+        self.store, self.consent, self.tokens = store, ServerConsent(store), tokens
 
     def token(self, url: str) -> str:
-        return str(self.store.get(self.TOKEN_KEY + server_key(url or ""), "") or "")
+        key = server_key(url or "")
+        legacy = str(self.store.get(self.TOKEN_KEY + key, "") or "")
+        if self.tokens is None:
+            return legacy
+        if legacy:  # out of the settings file, into the private one
+            self.tokens.set(key, legacy)
+            del self.store[self.TOKEN_KEY + key]
+        return self.tokens.get(key)
 
     def setToken(self, url: str, token: str) -> None:
-        self.store[self.TOKEN_KEY + server_key(url)] = token.strip()
+        key = server_key(url)
+        if self.tokens is None:
+            self.store[self.TOKEN_KEY + key] = token.strip()
+        else:
+            self.tokens.set(key, token.strip())
 
     def where(self, runOn: str, url: str) -> Where:
         """Where "Run on" points: the server (``url``, its token) or this computer; asks nothing."""
@@ -261,5 +321,5 @@ class LocalEngines:
 
 
 __all__ = ["IDLE", "INSTALLING", "RUNNING", "MODELS", "DOWNLOAD_SHARE", "THIS_COMPUTER", "Controller", "LocalEngines",
-           "ServerConsent", "ServerSettings", "Where", "server_key", "is_this_computer", "CANCELLED", "DONE", "ERROR",
-           "INFO", "PROGRESS"]
+           "ServerConsent", "ServerSettings", "TokenFile", "Where", "server_key", "is_this_computer", "CANCELLED",
+           "DONE", "ERROR", "INFO", "PROGRESS"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from collections.abc import MutableMapping
 
@@ -75,6 +76,11 @@ class SettingsStore(MutableMapping):
 
     def __len__(self):
         return len(self._settings.allKeys())
+
+
+def tokenFilePath() -> str:
+    """``SwinUNETRSegment/server-tokens.json`` in the folder of the user's Slicer settings."""
+    return os.path.join(os.path.dirname(qt.QSettings().fileName()), "SwinUNETRSegment", "server-tokens.json")
 
 
 def showInViews(inputVolume) -> None:
