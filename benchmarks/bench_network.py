@@ -22,6 +22,7 @@ wider margins). ``--quick`` is a smoke run (feature_size 12, 64^3).
 
     ./dev python benchmarks/bench_network.py                 # feature_size 48, 96^3, ~5 min on 2 cores
     ./dev python benchmarks/bench_network.py --quick
+    ./dev python benchmarks/bench_network.py --float32       # what a CPU without native bfloat16 runs
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--feature-size", type=int, default=None)
     p.add_argument("--roi", type=int, default=None, help="window edge in voxels (96 by default, 64 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per configuration (3; 2 with --quick)")
+    p.add_argument("--float32", action="store_true",
+                   help="the engine's steps and OpenVINO in float32 only, as on a CPU without native bfloat16 "
+                        "(with this CPU's full instruction set)")
     args = p.parse_args(argv)
 
     import contextlib
@@ -63,7 +67,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     reference = SwinUNETR(in_channels=1, out_channels=14, feature_size=fs).eval()
     windows = torch.rand((4, 1, roi, roi, roi), generator=torch.Generator().manual_seed(1))
-    bf16 = cpu_has_native_bf16()
+    bf16 = cpu_has_native_bf16() and not args.float32
     print(
         f"# {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  threads {threads}  feature_size {fs}  "
         f"window {roi}^3  native bfloat16: {bf16}  repeats {repeats}",
