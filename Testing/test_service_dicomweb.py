@@ -123,7 +123,7 @@ def test_the_command_line_has_the_server_fetch_and_store(server, pacs, auth_file
     base = ["--pacs", url, "--study", STUDY, "--series", SMALL_SERIES, "--model", "tiny", "--server", server.url,
             "--token-file", str(server.token_file)]
     before = len(_segs(pacs_client))
-    rc = main([*base, "--store", "-o", str(seg_out), "-o", str(labels_out)])
+    rc = main([*base, "--store", "-o", str(seg_out), "-o", str(labels_out), "--overwrite"])  # a SEG of tiny exists
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "stored on the server" in err and len(_segs(pacs_client)) == before + 1
@@ -138,6 +138,33 @@ def test_the_command_line_has_the_server_fetch_and_store(server, pacs, auth_file
         assert main(argv) == 2
         _one_line(capsys.readouterr().err.strip(), fragment)
     assert len(_segs(pacs_client)) == before + 1
+    # a rerun does no work twice: the server finds the SEG it stored and does nothing
+    again = tmp_path / "again.nii.gz"
+    assert main([*base, "--store", "-o", str(again)]) == 0
+    assert "skipped" in capsys.readouterr().err and not again.exists()
+    assert len(_segs(pacs_client)) == before + 1
+
+
+def test_a_job_that_asks_to_skip_a_segmented_series_does_nothing(server, pacs):
+    """``skip_existing``: a SEG of the same model and weights references the series (the first
+    test stored one), so the job ends done with no labels and nothing stored; asking for its
+    labels says why; without the flag the same series is segmented again."""
+    url, _cut, pacs_client = pacs
+    client = server.client()
+    res = client.segment(options=TINY, dicomweb=DicomwebSeries(url, STUDY, SMALL_SERIES, skip_existing=True))
+    assert res.labels is None and res.dicomweb["skipped"] is True and res.dicomweb["stored"] is False
+    before = len(_segs(pacs_client))
+    job = client.submit(options=TINY, dicomweb=DicomwebSeries(url, STUDY, SMALL_SERIES, store=True,
+                                                              skip_existing=True))
+    wait_for(job.poll, lambda st: st.state == "done", what="the skipped job")
+    with pytest.raises(ServiceError, match="was skipped: a DICOM SEG of model 'tiny' already references"):
+        job.result()
+    assert len(_segs(pacs_client)) == before
+    redo = client.segment(options=TINY, dicomweb=DicomwebSeries(url, STUDY, SMALL_SERIES))
+    assert redo.labels is not None and redo.dicomweb["skipped"] is False
+    body = {"pacs": url, "study": STUDY, "series": SMALL_SERIES, "skip_existing": "yes", "options": TINY.to_dict()}
+    r = _post(server, body)
+    assert r.status_code == 422 and "skip_existing must be true or false" in r.text
 
 
 def test_a_pacs_the_server_is_not_configured_for_is_refused_with_one_line(server, pacs, tmp_path, capsys):

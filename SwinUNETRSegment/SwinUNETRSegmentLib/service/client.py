@@ -77,11 +77,12 @@ class RemoteResult:
     ``segments`` (value, name, color 0..1, terminology of each card label), ``present``
     (values found), ``card`` (the card's JSON) and the run's ``device``, ``timings``, ``stats``;
     for a DICOMweb job ``dicomweb``: ``pacs``, ``study``, ``series``, ``seg_uid`` (the DICOM
-    SEG's SOP Instance UID, None without one), ``stored`` (sent to the PACS), ``notes``, and
-    ``dicom_seg``: the SEG file's bytes when :meth:`Client.segment` was asked for them."""
+    SEG's SOP Instance UID, None without one), ``stored`` (sent to the PACS), ``skipped`` (a
+    SEG of the model referenced the series already: ``labels`` and ``ijk_to_ras`` are None),
+    ``notes``, and ``dicom_seg``: the SEG file's bytes when :meth:`Client.segment` was asked for them."""
 
-    labels: np.ndarray
-    ijk_to_ras: np.ndarray
+    labels: Optional[np.ndarray]
+    ijk_to_ras: Optional[np.ndarray]
     segments: list[dict[str, Any]] = field(default_factory=list)
     present: list[int] = field(default_factory=list)
     card: dict[str, Any] = field(default_factory=dict)
@@ -254,6 +255,10 @@ class Client:
                     progress(st.progress())
                 last = now
                 if st.state == DONE:
+                    dw = (st.result or {}).get("dicomweb") or {}
+                    if dw.get("skipped"):  # nothing was made: no labels, no SEG to fetch
+                        job.forget()
+                        return RemoteResult(None, None, card=(st.result or {}).get("card", {}), dicomweb=dw)
                     seg = job.seg_dcm(keep=True) if dicom_seg else None
                     res = job.result()
                     res.dicom_seg = seg
@@ -310,6 +315,15 @@ class RemoteJob:
             raise self._error
         self.status = JobStatus.from_dict(self.client.json("GET", f"/jobs/{self.id}"))
         return self.status
+
+    def forget(self) -> None:
+        """Ask the server to drop the job now (``DELETE /jobs/{id}``). Never raises."""
+        if self.id is None:
+            return
+        try:
+            self.client.json("DELETE", f"/jobs/{self.id}", timeout=READ_TIMEOUT)
+        except ServiceError:
+            pass
 
     def cancel(self) -> Optional[JobStatus]:
         """Ask the server to stop the job (it stops within one window); its status then, or

@@ -150,7 +150,8 @@ class JobManager:
         t = time.perf_counter()
         try:
             volume = job.source.fetch(job)
-            crop_to_box(volume, job.options.box)
+            if volume is not None:
+                crop_to_box(volume, job.options.box)
         except Exception as exc:
             self._failed(job, exc)
             return
@@ -158,6 +159,12 @@ class JobManager:
             job.before["fetch"] = time.perf_counter() - t
             if job.state != QUEUED:  # cancelled, or its client went away
                 job.context.clear()
+                return
+            if volume is None:  # nothing to do (a SEG of this model references the series already)
+                job.result = job.source.skipped(job)
+                job.stage, job.message, job.fraction = "writing", "skipped: a DICOM SEG of this model exists", 1.0
+                self._finish(job, DONE)
+                log.info("job %s skipped (%s)", job.id, job.source)
                 return
             job.volume, job.stage, job.message = volume, "queued", "waiting for the device"
             self._queue(job.device).put(job)

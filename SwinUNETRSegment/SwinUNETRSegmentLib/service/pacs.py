@@ -69,6 +69,9 @@ class DicomwebSeries:
         store: send the DICOM SEG back to the PACS with STOW-RS (into the same study).
         output_type: "dicom-seg" (the labels and a SEG) or "labels" (no SEG; not with store).
         segmentation_type: the SEG's encoding, "binary" or "labelmap".
+        skip_existing: do nothing when a DICOM SEG of the same model and weights already
+            references the series on the PACS (the job ends done, ``result["dicomweb"]["skipped"]``
+            true, with no labels): a rerun does no work twice.
     """
 
     pacs: str
@@ -77,6 +80,7 @@ class DicomwebSeries:
     store: bool = False
     output_type: str = "dicom-seg"
     segmentation_type: str = "binary"
+    skip_existing: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.pacs, str):
@@ -93,8 +97,9 @@ class DicomwebSeries:
             value = getattr(self, name)
             if not isinstance(value, str) or len(value) > 64 or not _UID.fullmatch(value):
                 raise UserError(f"{name} must be a DICOM UID (digits and dots, at most 64 characters), got {value!r}")
-        if not isinstance(self.store, bool):
-            raise UserError(f"store must be true or false, got {self.store!r}")
+        for name in ("store", "skip_existing"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
         if self.segmentation_type not in SEGMENTATION_TYPES:
@@ -195,10 +200,16 @@ class DicomwebJob:
         return str(self.series)
 
     def fetch(self, job):
-        """The series' volume (on the job's fetch thread); its headers wait in ``job.context``."""
-        from SwinUNETRSegmentLib.fileio.dicomweb import fetch_series
+        """The series' volume (on the job's fetch thread); its headers wait in ``job.context``.
+        None when ``skip_existing`` finds a SEG of this model and weights referencing it."""
+        from SwinUNETRSegmentLib.fileio.dicomweb import existing_segmentations, fetch_series
 
         lo, hi = STAGES["reading"]
+        s = self.series
+        if s.skip_existing:
+            job.on_progress(Progress("reading", lo, None, f"looking for DICOM SEGs of {job.card.name} on the PACS"))
+            if s.series in existing_segmentations(self.client, s.study, _algorithm(job.card, job.weights)):
+                return None
 
         def progress(received: int, expected: int) -> None:
             job.on_progress(Progress("reading", lo + (hi - lo) * received / max(expected, 1), None,
@@ -210,12 +221,20 @@ class DicomwebJob:
         job.context["info"] = info
         return volume
 
+    def skipped(self, job) -> dict[str, Any]:
+        """What the result of a job that :meth:`fetch` skipped says."""
+        s = self.series
+        return {"dicomweb": {"pacs": s.pacs, "study": s.study, "series": s.series, "seg_uid": None, "stored": False,
+                             "skipped": True, "notes": [f"a DICOM SEG of model '{job.card.name}' (these weights) "
+                                                        "already references the series: nothing done"]}}
+
     def after(self, job, labels) -> dict[str, Any]:
         """Make the DICOM SEG of ``labels`` and store it when asked; what the job's result adds."""
         from SwinUNETRSegmentLib.fileio.dicomweb import series_seg, store
 
         s = self.series
-        out = {"pacs": s.pacs, "study": s.study, "series": s.series, "seg_uid": None, "stored": False, "notes": []}
+        out = {"pacs": s.pacs, "study": s.study, "series": s.series, "seg_uid": None, "stored": False,
+               "skipped": False, "notes": []}
         info = job.context.pop("info")
         if s.output_type == "dicom-seg":
             lo = STAGES["writing"][0]

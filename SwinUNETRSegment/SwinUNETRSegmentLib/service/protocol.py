@@ -13,6 +13,7 @@ Routes (every one but ``/health`` needs ``Authorization: Bearer <token>``):
                             in the :data:`OPTIONS_HEADER` header
 ``POST /jobs/dicomweb``     JSON ``{"pacs": URL, "study": UID, "series": UID, "store": false, "options": {...}}``
                             (:class:`~.pacs.DicomwebSeries`): the server fetches the series from a PACS it reaches
+                            (``"skip_existing": true``: not when a SEG of the model references it already)
 ``GET /jobs/{id}``          the job's :class:`JobStatus` (each poll renews the job's lease)
 ``POST /jobs/{id}/cancel``  stop it (within one window); the status stays readable
 ``DELETE /jobs/{id}``       stop it and forget it
@@ -170,7 +171,7 @@ class JobStatus:
         result: for a done job: ``segments`` (value, name, color 0..1, terminology of each card label),
             ``present`` (label values found), ``card`` (the card's JSON), ``device``, ``timings`` (the
             engine's; ``read``/``receive``/``fetch``, ``queued``: the server's), ``stats``, ``shape``, ``box``
-            (voxel ranges run); a DICOMweb job's ``dicomweb``: pacs, study, series, seg_uid, stored, notes.
+            (voxel ranges run); a DICOMweb job's ``dicomweb``: pacs, study, series, seg_uid, stored, skipped, notes.
     """
 
     id: str

@@ -119,13 +119,17 @@ def run_pacs_on_server(args: argparse.Namespace, cancel: Optional[threading.Even
     outputs = _checked_outputs(args, args.output or [])
     card, _ = remote_model(args)
     series = DicomwebSeries(args.pacs, args.study, args.series, store=bool(args.store),
-                            segmentation_type=getattr(args, "dicom_seg_type", "binary"))
+                            segmentation_type=getattr(args, "dicom_seg_type", "binary"),
+                            skip_existing=not args.overwrite)  # as a local --pacs run: no work done twice
     callback, close = progress_printer(args.quiet)
     try:
         res = server_client(args).segment(options=_options(args), progress=callback, cancel=cancel, dicomweb=series,
                                           dicom_seg=any(dicom_seg_output(args, o) for o in outputs))
     finally:
         close()
+    if res.dicomweb.get("skipped"):
+        _report(args, card, SeriesJob(args.study, args.series, skipped=True))
+        return written
     labels = Volume(res.labels, res.ijk_to_ras)
     for out in outputs:
         if dicom_seg_output(args, out):

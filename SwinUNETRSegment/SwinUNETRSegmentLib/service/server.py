@@ -276,6 +276,9 @@ def create_app(manager: JobManager, tokens: Optional[TokenStore], config: Server
             raise HTTPFailure(job.error_status or 500, job.error or job.state)
         if job.state != DONE:
             raise HTTPFailure(409, f"job {job_id} is {job.state} ({job.message}); poll GET /jobs/{job_id} until done")
+        if ((job.result or {}).get("dicomweb") or {}).get("skipped"):
+            raise HTTPFailure(404, f"job {job_id} was skipped: a DICOM SEG of model '{job.card.name}' already "
+                                   "references the series; it has no labels (send skip_existing false to redo it)")
         labels = manager.take(job.owner, job.id, keep)
         if labels is None:
             raise HTTPFailure(404, f"job {job_id}'s result was fetched already")
