@@ -171,8 +171,13 @@ def may_run_openvino(pipeline: str, args) -> bool:
 
     if not openvino_installed() or not args.device.startswith(("cpu", "auto")):
         return False
+    from SwinUNETRSegmentLib.inference.devices import cpu_flags_have_bf16
+
     fast = engine_fastpath(pipeline, json.loads(args.set or "{}"))
-    return fast.backend != "torch" and fast.precision != "float32"
+    if fast.backend == "torch" or fast.precision == "float32":
+        return False
+    # "auto" on a CPU with native bfloat16 and nothing converted keeps jemalloc (cli.runs_on_openvino)
+    return fast.backend == "openvino" or pipeline == "first-run" or not cpu_flags_have_bf16()
 
 
 def engine_card_overlap(variant: str, card):

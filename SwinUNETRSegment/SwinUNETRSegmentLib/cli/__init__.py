@@ -25,25 +25,37 @@ def entry() -> int:
 def runs_on_openvino(argv: list[str]) -> bool:
     """Whether this command line may run a network on OpenVINO (then it keeps the system
     allocator: inference/memory.py): ``serve`` where openvino is installed (the service
-    converts in the background), and a CPU segmentation with the default or the openvino
-    backend: it runs on a cached conversion, or converts in the run when that pays
-    (``openvino_backend.ConvertWhenItPays``), which it cannot do beside jemalloc. Measured
-    on the built-in model's PyTorch path: jemalloc is 9 % faster there for 30 % more peak
-    memory (benchmarks/README.md, session 7). Anything unclear: False."""
+    converts in the background), a segmentation with ``--backend openvino``, and one with the
+    default backend on the CPU that runs on a cached conversion or may convert during the run
+    (``openvino_backend.ConvertWhenItPays``, which cannot run beside jemalloc). A CPU with
+    native bfloat16 converts during a run almost never (OpenVINO saves 18 % there), so an
+    unconverted run there keeps jemalloc, 9 % faster for PyTorch (benchmarks/README.md,
+    session 7). Anything unclear: False."""
     from SwinUNETRSegmentLib.inference.memory import openvino_installed
 
     if not openvino_installed() or "--backend=torch" in argv or "torch" in _values(argv, "--backend"):
         return False
     if argv[:1] == ["serve"]:
         return True
+    if "openvino" in _values(argv, "--backend"):
+        return True
     if argv[:1] and not argv[0].startswith("-"):
         return False  # another command (models, train, demo, ...)
     try:
-        from SwinUNETRSegmentLib.cli.segment import build_parser
+        from SwinUNETRSegmentLib.cli.segment import _model, build_parser
+        from SwinUNETRSegmentLib.inference.cpu.openvino_backend import Conversion, cache_root
+        from SwinUNETRSegmentLib.inference.devices import cpu_flags_have_bf16
 
         args, _ = build_parser().parse_known_args(argv)
-        return args.device in ("auto", "cpu") and args.precision != "float32" and not getattr(args, "server", None)
-    except BaseException:  # noqa: B036 - argparse exits: the run itself will say so
+        if args.device not in ("auto", "cpu") or args.precision == "float32" or getattr(args, "server", None):
+            return False
+        if not cpu_flags_have_bf16():
+            return True  # a long run converts once that pays (40 % saved without bfloat16)
+        if not any(cache_root().glob("*/model.xml")):
+            return False  # nothing converted on this machine: no need to hash the checkpoint
+        card, weights = _model(args)
+        return weights is not None and Conversion(card, weights).converted
+    except BaseException:  # noqa: B036 - argparse exits, a bad card raises: the run itself will say so
         return False
 
 

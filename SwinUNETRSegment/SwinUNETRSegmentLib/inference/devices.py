@@ -18,6 +18,7 @@ __all__ = [
     "available_devices",
     "resolve_device",
     "cpu_has_native_bf16",
+    "cpu_flags_have_bf16",
     "autocast_dtype",
     "autocast",
     "physical_cores",
@@ -103,6 +104,18 @@ def cpu_has_native_bf16() -> bool:
             ok = False
         _BF16_CPU = ok
     return _BF16_CPU
+
+
+def cpu_flags_have_bf16() -> bool:
+    """:func:`cpu_has_native_bf16` without importing torch (for the command line's choice of
+    allocator before it starts): the CPU's flags, and PyTorch's kernels not held below
+    AVX-512 by ``ATEN_CPU_CAPABILITY``."""
+    import os
+
+    held = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if held and not held.startswith("avx512"):
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
 def _cpu_flags() -> set[str]:
