@@ -46,3 +46,24 @@ def test_glibc_thresholds_are_set_once_or_left_to_the_user(monkeypatch):
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert memory.configure_allocator() is expected
     assert memory.configure_allocator() is expected  # once per process, the same answer
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's tunables")
+def test_a_process_that_may_run_openvino_keeps_glibc_with_its_thresholds_raised():
+    """OpenVINO aborts under jemalloc: its process stays on glibc, with the thresholds that
+    stop the page-fault churn for its PyTorch part; the user's own settings stand."""
+    env = memory.allocator_env({}, openvino=True)
+    assert "LD_PRELOAD" not in env
+    assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == str(memory.DEFAULT_THRESHOLD)
+    mine = memory.allocator_env({"MALLOC_TRIM_THRESHOLD_": "4096"}, openvino=True)
+    assert mine["MALLOC_TRIM_THRESHOLD_"] == "4096" and "MALLOC_MMAP_THRESHOLD_" not in mine
+    assert "MALLOC_MMAP_THRESHOLD_" not in memory.allocator_env({"SWINUNETR_SEGMENT_ALLOCATOR": "system"},
+                                                                openvino=True)
+    probe = ("from SwinUNETRSegmentLib.inference.memory import reexec_with_allocator; "
+             "reexec_with_allocator(openvino=True); import os; maps = open('/proc/self/maps').read(); "
+             "print('jemalloc' in maps, os.environ.get('MALLOC_TRIM_THRESHOLD_'))")
+    drop = ("LD_PRELOAD", "MALLOC_CONF", "_SWINUNETR_SEGMENT_REEXEC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    run_env = {k: v for k, v in os.environ.items() if k not in drop}
+    out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", str(memory.DEFAULT_THRESHOLD)]

@@ -71,12 +71,24 @@ def allocator_env(env: dict | None = None, openvino: bool = False) -> dict:
     """``env`` (default: this process's) with what an engine process needs to start on
     jemalloc, when it is installed and the user did not ask for the system allocator.
 
-    ``openvino``: the process will run the network on OpenVINO, whose CPU plugin aborts
+    ``openvino``: the process may run the network on OpenVINO, whose CPU plugin aborts
     under a preloaded allocator ("free(): invalid pointer", jemalloc and TBB's proxy alike)
-    and keeps its own buffers between windows: such a process keeps the system allocator."""
+    and keeps its own buffers between windows: such a process keeps the system allocator,
+    with glibc's mmap and trim thresholds raised (``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_``, unless the user set them) for what runs on PyTorch there:
+    measured with PyTorch held to AVX2, that won back what jemalloc gives (10-17 % on the
+    built-in model) for less peak memory than jemalloc's (benchmarks/README.md, session 7)."""
     env = dict(os.environ if env is None else env)
+    if env.get("SWINUNETR_SEGMENT_ALLOCATOR", "").lower() == "system":
+        return env
+    if openvino:
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and not (
+            env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_")
+        ):
+            env["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_TRIM_THRESHOLD_"] = str(DEFAULT_THRESHOLD)
+        return env
     lib = jemalloc_library()
-    if lib is None or openvino or env.get("SWINUNETR_SEGMENT_ALLOCATOR", "").lower() == "system":
+    if lib is None:
         return env
     if lib not in env.get("LD_PRELOAD", "").split(":"):
         env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
@@ -91,16 +103,17 @@ def reexec_with_allocator(openvino: bool = False) -> None:
     import sys
 
     env = allocator_env(openvino=openvino)
-    if env.get("LD_PRELOAD") != os.environ.get("LD_PRELOAD") and not os.environ.get("_SWINUNETR_SEGMENT_REEXEC"):
+    changed = any(env.get(k) != os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_"))
+    if changed and not os.environ.get("_SWINUNETR_SEGMENT_REEXEC"):
         env["_SWINUNETR_SEGMENT_REEXEC"] = "1"
         argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
         try:
             os.execve(sys.executable, [sys.executable, *argv[1:]], env)
         except OSError:
             pass  # keep running on the system allocator
-    # Without jemalloc the C library's allocator stays as it is: raising glibc's thresholds
-    # (configure_allocator) cut the page faults but cost half as much peak memory again for
-    # no measured gain in time (benchmarks/README.md).
+    # Without jemalloc and OpenVINO the C library's allocator stays as it is: on a CPU with
+    # native bfloat16 raising glibc's thresholds cut the page faults but cost half as much
+    # peak memory again for no measured gain in time (benchmarks/README.md, session 4).
 
 
 def configure_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:

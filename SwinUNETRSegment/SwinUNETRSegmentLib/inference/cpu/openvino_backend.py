@@ -62,10 +62,10 @@ _WAIT_MS = 100  # how often a running window looks at the cancel flag
 #: a 2-core EPYC with native bfloat16 (benchmarks/README.md, session 7): converting and
 #: compiling costs 14 s at feature size 12 and 60 s at feature size 48 (10 s + 50 s per 62
 #: million weights, :func:`conversion_seconds`); OpenVINO then saves 18 % of a feature-48 run
-#: there (117 s against 142 s on the example CT) and more where PyTorch runs float32: the
-#: issue's AVX2-only EPYC ran a window in 10.7 s eager and 4.5 s on OpenVINO float32, of
-#: which :data:`GAIN_FLOAT32` assumes a conservative part. A run that would not win by the
-#: margin stays on PyTorch and is never held up.
+#: there (117 s against 142 s on the example CT) and 39 % of a window where PyTorch runs
+#: float32 (3.45 s against the engine's 5.69 s on the same CPU in float32; the issue's AVX2-only
+#: EPYC: 4.5 s against 10.7 s eager). A run that would not win by the margin stays on
+#: PyTorch and is never held up.
 CONVERT_MARGIN = 1.5
 GAIN_BFLOAT16 = 0.18
 GAIN_FLOAT32 = 0.40
