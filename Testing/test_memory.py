@@ -62,7 +62,8 @@ def test_a_process_that_may_run_openvino_keeps_glibc_with_its_thresholds_raised(
     probe = ("from SwinUNETRSegmentLib.inference.memory import reexec_with_allocator; "
              "reexec_with_allocator(openvino=True); import os; maps = open('/proc/self/maps').read(); "
              "print('jemalloc' in maps, os.environ.get('MALLOC_TRIM_THRESHOLD_'))")
-    drop = ("LD_PRELOAD", "MALLOC_CONF", "_SWINUNETR_SEGMENT_REEXEC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    drop = ("LD_PRELOAD", "MALLOC_CONF", "_SWINUNETR_SEGMENT_REEXEC",
+            "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
     run_env = {k: v for k, v in os.environ.items() if k not in drop}
     out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
