@@ -372,6 +372,9 @@ class Conversion:
             announce()
             if self.convert_for(device, fast) is None:
                 return None
+        return self._compiled_or_none(fast, threads)
+
+    def _compiled_or_none(self, fast, threads: Optional[int]):
         try:
             return self.network(self.precision_for(fast), threads)
         except Exception:
@@ -401,10 +404,11 @@ class Conversion:
         return worker
 
     def convert_waiting(self, fast, threads: Optional[int], check_cancel: Callable[[], None]):
-        """Convert and compile in a thread while this one polls ``check_cancel`` every 0.1 s
-        (OpenVINO's conversion cannot be interrupted: on cancel the thread finishes the cache
-        entry on its own and the run stops at once). Returns the compiled network, or None
-        when the conversion or compilation failed (logged; the run stays on PyTorch)."""
+        """Convert in a thread while this one polls ``check_cancel`` every 0.1 s (OpenVINO's
+        conversion cannot be interrupted: on cancel the thread finishes the cache entry on its
+        own and the run stops at once), then compile here (seconds; a cancel then acts at the
+        first window). Returns the compiled network, or None when the conversion or
+        compilation failed (logged; the run stays on PyTorch)."""
         worker = self.start_conversion(spare_core=False)
         while worker.is_alive():
             worker.join(_WAIT_MS / 1000)
@@ -412,11 +416,7 @@ class Conversion:
         if not self.converted:
             log.warning("OpenVINO cannot convert model %s (%s); it runs on PyTorch", self.card.name, self.failed)
             return None
-        try:
-            return self.network(self.precision_for(fast), threads)
-        except Exception:
-            log.warning("OpenVINO cannot compile model %s (%s); it runs on PyTorch", self.card.name, self.failed)
-            return None
+        return self._compiled_or_none(fast, threads)
 
 
 # conversions running in a thread, by key: a run that needs one already under way waits for it
