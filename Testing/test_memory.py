@@ -49,9 +49,15 @@ def test_glibc_thresholds_are_set_once_or_left_to_the_user(monkeypatch):
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's tunables")
-def test_a_process_that_may_run_openvino_keeps_glibc_with_its_thresholds_raised():
-    """OpenVINO aborts under jemalloc: its process stays on glibc, with the thresholds that
-    stop the page-fault churn for its PyTorch part; the user's own settings stand."""
+def test_a_process_that_may_run_openvino_keeps_glibc_with_its_thresholds_raised(monkeypatch):
+    """OpenVINO aborts under jemalloc: its process stays on glibc; without native bfloat16
+    (PyTorch windows until a conversion pays) with the thresholds that stop the page-fault
+    churn; the user's own settings stand."""
+    from SwinUNETRSegmentLib.inference import devices
+
+    monkeypatch.setattr(devices, "cpu_flags_have_bf16", lambda: True)
+    assert memory.allocator_env({}, openvino=True) == {}  # OpenVINO's own windows: glibc as it is
+    monkeypatch.setattr(devices, "cpu_flags_have_bf16", lambda: False)
     env = memory.allocator_env({}, openvino=True)
     assert "LD_PRELOAD" not in env
     assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == str(memory.DEFAULT_THRESHOLD)
@@ -65,6 +71,7 @@ def test_a_process_that_may_run_openvino_keeps_glibc_with_its_thresholds_raised(
     drop = ("LD_PRELOAD", "MALLOC_CONF", "_SWINUNETR_SEGMENT_REEXEC",
             "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
     run_env = {k: v for k, v in os.environ.items() if k not in drop}
+    run_env["ATEN_CPU_CAPABILITY"] = "avx2"  # PyTorch without bfloat16, whatever this CPU has
     out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", str(memory.DEFAULT_THRESHOLD)]

@@ -73,18 +73,23 @@ def allocator_env(env: dict | None = None, openvino: bool = False) -> dict:
 
     ``openvino``: the process may run the network on OpenVINO, whose CPU plugin aborts
     under a preloaded allocator ("free(): invalid pointer", jemalloc and TBB's proxy alike)
-    and keeps its own buffers between windows: such a process keeps the system allocator,
-    with glibc's mmap and trim thresholds raised (``MALLOC_MMAP_THRESHOLD_``,
-    ``MALLOC_TRIM_THRESHOLD_``, unless the user set them) for what runs on PyTorch there:
-    measured with PyTorch held to AVX2, that won back what jemalloc gives (10-17 % on the
-    built-in model) for less peak memory than jemalloc's (benchmarks/README.md, session 7)."""
+    and keeps its own buffers between windows: such a process keeps the system allocator.
+    On a CPU without native bfloat16, where such a process runs PyTorch windows until a
+    conversion pays (``openvino_backend.ConvertWhenItPays``), glibc's mmap and trim
+    thresholds are raised too (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, unless
+    the user set them): measured with PyTorch held to AVX2 that won back what jemalloc gives
+    (10-17 % on the built-in model) for less peak memory than jemalloc's; on OpenVINO's own
+    windows (a bfloat16 CPU) it changed nothing but 42 % more peak memory (benchmarks/README.md,
+    session 7)."""
     env = dict(os.environ if env is None else env)
     if env.get("SWINUNETR_SEGMENT_ALLOCATOR", "").lower() == "system":
         return env
     if openvino:
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and not (
-            env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_")
-        ):
+        from SwinUNETRSegmentLib.inference.devices import cpu_flags_have_bf16
+
+        glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+        mine = env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_")
+        if glibc and not mine and not cpu_flags_have_bf16():
             env["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_TRIM_THRESHOLD_"] = str(DEFAULT_THRESHOLD)
         return env
     lib = jemalloc_library()
