@@ -57,6 +57,28 @@ def small_ct(example_ct):
     return Volume(example_ct.array[::2, ::2, ::2].copy(), m)
 
 
+@pytest.fixture(scope="module")
+def part_ct(example_ct):
+    """The example CT's upper 40 slices: the same grid kind, a few windows (a quick run)."""
+    from SwinUNETRSegmentLib.geometry import Volume
+
+    m = example_ct.ijk_to_ras.copy()
+    m[:3, 3] = (m @ np.array([0, 0, example_ct.shape[2] - 40, 1.0]))[:3]
+    return Volume(example_ct.array[:, :, -40:].copy(), m)
+
+
+@pytest.fixture(scope="module")
+def one_window():
+    """A box of soft tissue in air, one window of the demo model."""
+    from conftest import make_affine
+
+    from SwinUNETRSegmentLib.geometry import Volume
+
+    vol = Volume(np.full((40, 40, 30), -1000, np.int16), make_affine((3, 3, 3)))
+    vol.array[10:30, 10:30, 5:25] = 40
+    return vol
+
+
 def _segmenter(**fast):
     card, weights = catalog.resolve_model("demo")
     return Segmenter(card, weights, device="cpu", fast=FastPath(**fast))
@@ -126,16 +148,16 @@ def test_auto_without_a_conversion_runs_on_pytorch_and_converts_nothing(tmp_path
 
 @pytest.fixture()
 def not_yet_converted(home, monkeypatch):
-    """The demo model as if it had never been converted: ``convert`` (which finds the module's
-    conversion in the cache) then makes it "converted"; ``gate`` holds the conversion."""
+    """The demo model as if it had never been converted: ``convert`` hands out the module's
+    conversion (made for real by ``home``) and makes it "converted"; ``gate`` holds it."""
     state = {"converted": False, "calls": 0, "gate": threading.Event()}
     state["gate"].set()
-    real = openvino_backend.Conversion.convert
 
     def convert(self, spare_core=True):
         state["calls"] += 1
         state["gate"].wait(30)
-        path = real(self, spare_core)
+        path = openvino_backend.ir_path(self.key)
+        assert path.is_file()
         state["converted"] = True
         return path
 
@@ -144,12 +166,12 @@ def not_yet_converted(home, monkeypatch):
     return state
 
 
-def test_a_long_auto_run_converts_once_it_pays_and_finishes_on_openvino(not_yet_converted, example_ct, monkeypatch):
+def test_a_long_auto_run_converts_once_it_pays_and_finishes_on_openvino(not_yet_converted, part_ct, monkeypatch):
     """A run whose PyTorch windows left would outlast the conversion converts in the run and
     goes on on OpenVINO; its labels are PyTorch's to float rounding, on the input grid."""
     monkeypatch.setattr(openvino_backend, "CONVERT_MARGIN", 0.0)  # every run "pays" here
     messages = []
-    result = _segmenter().segment(example_ct, progress=lambda p: messages.append((p.stage, p.message, p.done)))
+    result = _segmenter().segment(part_ct, progress=lambda p: messages.append((p.stage, p.message, p.done)))
     stats = result.stats
     assert stats["backend"] == "torch+openvino" and not_yet_converted["calls"] == 1
     assert 1 <= stats["windows_torch"] < stats["windows_run"]
@@ -157,11 +179,11 @@ def test_a_long_auto_run_converts_once_it_pays_and_finishes_on_openvino(not_yet_
     # progress went on past the pause and counted every window once
     done = [d for stage, m, d in messages if stage == "inference" and m.startswith("window")]
     assert done[-1] == stats["windows_total"] and done == sorted(done)
-    torch_only = _segmenter(backend="torch").segment(example_ct)
-    assert result.labels.same_grid(example_ct)
+    torch_only = _segmenter(backend="torch").segment(part_ct)
+    assert result.labels.same_grid(part_ct)
     assert (result.labels.array == torch_only.labels.array).mean() > 0.999
     # the next run of the same engine kind finds the conversion and runs on OpenVINO only
-    assert _segmenter().segment(example_ct).stats["backend"] == "openvino"
+    assert _segmenter().segment(part_ct).stats["backend"] == "openvino"
 
 
 def test_the_in_run_conversion_pays_where_it_was_measured_to():
@@ -180,12 +202,12 @@ def test_the_in_run_conversion_pays_where_it_was_measured_to():
     assert not after_first_call(7.0, openvino_backend.GAIN_FLOAT32, windows=2)  # nothing left to win
 
 
-def test_a_short_auto_run_stays_on_pytorch_and_is_never_held_up(not_yet_converted, small_ct):
-    result = _segmenter().segment(small_ct)  # the demo: seconds, against a conversion of about 14 s
+def test_a_short_auto_run_stays_on_pytorch_and_is_never_held_up(not_yet_converted, one_window):
+    result = _segmenter().segment(one_window)  # the demo: seconds, against a conversion of about 14 s
     assert result.stats["backend"] == "torch" and not_yet_converted["calls"] == 0
 
 
-def test_cancel_during_an_in_run_conversion_stops_at_once(not_yet_converted, example_ct, monkeypatch):
+def test_cancel_during_an_in_run_conversion_stops_at_once(not_yet_converted, part_ct, monkeypatch):
     import time
 
     monkeypatch.setattr(openvino_backend, "CONVERT_MARGIN", 0.0)
@@ -198,7 +220,7 @@ def test_cancel_during_an_in_run_conversion_stops_at_once(not_yet_converted, exa
             cancel.set()
 
     with pytest.raises(CancelledError):
-        _segmenter().segment(example_ct, progress=progress, cancel=cancel)
+        _segmenter().segment(part_ct, progress=progress, cancel=cancel)
     assert asked and time.monotonic() - asked[0] < 2.0  # not after the conversion
     assert not not_yet_converted["converted"]
     not_yet_converted["gate"].set()  # the conversion thread finishes its cache entry on its own
@@ -207,16 +229,16 @@ def test_cancel_during_an_in_run_conversion_stops_at_once(not_yet_converted, exa
     assert not_yet_converted["converted"]
 
 
-def test_the_service_converts_in_the_background_after_a_pytorch_job(not_yet_converted, small_ct):
+def test_the_service_converts_in_the_background_after_a_pytorch_job(not_yet_converted, one_window):
     """What the engine service does after a job that ran on PyTorch: the conversion runs in a
     thread, so that the next job is on OpenVINO; once converted there is nothing to start."""
     seg = _segmenter()
-    assert seg.segment(small_ct).stats["backend"] == "torch"
+    assert seg.segment(one_window).stats["backend"] == "torch"
     assert seg.convert_openvino_in_background()
     for worker in list(openvino_backend._conversions.values()):
         worker.join(60)
     assert not_yet_converted["calls"] == 1 and not seg.convert_openvino_in_background()
-    assert seg.segment(small_ct).stats["backend"] == "openvino"
+    assert seg.segment(one_window).stats["backend"] == "openvino"
     assert not _segmenter(backend="torch").convert_openvino_in_background()
 
 
