@@ -242,6 +242,17 @@ def test_the_service_converts_in_the_background_after_a_pytorch_job(not_yet_conv
     assert not _segmenter(backend="torch").convert_openvino_in_background()
 
 
+def test_a_folder_converts_after_its_first_scan_only_when_the_rest_pays(not_yet_converted, one_window):
+    """A folder of scans: after the first (on PyTorch) the rest's expected PyTorch time decides,
+    by the rule of a run's own windows (a few seconds left: no; hours: yes)."""
+    seg = _segmenter()
+    seg.segment(one_window)
+    assert seg.convert_openvino_if_it_pays(5.0) is None and not_yet_converted["calls"] == 0
+    assert seg.convert_openvino_if_it_pays(3600.0) is not None and not_yet_converted["calls"] == 1
+    assert seg.convert_openvino_if_it_pays(3600.0) is None  # converted: nothing more to do
+    assert seg.segment(one_window).stats["backend"] == "openvino"
+
+
 def test_float32_stays_on_pytorch(home, small_ct):
     """float32 promises the MONAI reference's labels exactly: only PyTorch gives them."""
     result = _segmenter(precision="float32").segment(small_ct)

@@ -222,8 +222,9 @@ def _warn_modality(args, info, card) -> None:
               "expect a poor segmentation", file=sys.stderr)
 
 
-def _segment_one(args, segmenter, volume, info, outputs, preview, cancel, written: list[Path]) -> None:
-    """Segment one scan and write its outputs, each atomically, appending each to ``written``."""
+def _segment_one(args, segmenter, volume, info, outputs, preview, cancel, written: list[Path]):
+    """Segment one scan and write its outputs, each atomically, appending each to ``written``;
+    returns the segmentation result."""
     card = segmenter.card
     callback, close = progress_printer(args.quiet)
     try:
@@ -244,6 +245,7 @@ def _segment_one(args, segmenter, volume, info, outputs, preview, cancel, writte
         print(f"{PROG}: {Path(info.source).name}: {len(found)} of {len(card.labels)} structures found "
               f"({', '.join(found) or 'none'}) in {result.timings.get('total', 0):.1f} s on {result.device}",
               file=sys.stderr)
+    return result
 
 
 def scan_entries(folder: Path) -> list[Path]:
@@ -293,10 +295,11 @@ def run_batch(args: argparse.Namespace, cancel: Optional[threading.Event] = None
             preview = check_output_path(dst / f"{name}.png", args.overwrite) if args.preview else None
             volume, info = read_volume(case)
             _warn_modality(args, info, card)
-            _segment_one(args, segmenter, volume, info, [out], preview, cancel, written)
-            if case is mine[0] and len(mine) > 1 and hasattr(segmenter, "convert_openvino"):
-                # The rest of the folder pays for the conversion (tens of seconds, once per checkpoint).
-                segmenter.convert_openvino()
+            result = _segment_one(args, segmenter, volume, info, [out], preview, cancel, written)
+            if case is mine[0] and len(mine) > 1 and hasattr(segmenter, "convert_openvino_if_it_pays") \
+                    and result.stats.get("backend") == "torch":
+                # the rest of the folder on OpenVINO when its saving there pays for the conversion
+                segmenter.convert_openvino_if_it_pays(result.timings.get("inference", 0.0) * (len(mine) - 1))
         except UserError as exc:
             failed.append(case.name)
             print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -217,6 +217,26 @@ class Segmenter:
         self.openvino.start_conversion(spare_core=True)
         return True
 
+    def convert_openvino_if_it_pays(self, torch_seconds_left: float) -> Optional[Path]:
+        """:meth:`convert_openvino` now, when OpenVINO's saving on ``torch_seconds_left`` of
+        PyTorch inference still to come pays for the conversion (the rule of a run's own
+        windows, ``openvino_backend.saving_pays``). A folder of scans calls it after its first
+        scan with that scan's inference time times the scans left."""
+        if self._network is None or not self.openvino.may_convert_in_run(self.device, self.fast):
+            return None
+        cost, gain = self._conversion_estimate()
+        if not openvino_backend.saving_pays(torch_seconds_left, cost, gain):
+            return None
+        return self.convert_openvino()
+
+    def _conversion_estimate(self) -> tuple[float, float]:
+        """(the conversion's estimated seconds, the share of PyTorch's time OpenVINO saves here)."""
+        from SwinUNETRSegmentLib.inference.devices import cpu_has_native_bf16
+
+        parameters = sum(p.numel() for p in self._network.parameters())
+        gain = openvino_backend.GAIN_BFLOAT16 if cpu_has_native_bf16() else openvino_backend.GAIN_FLOAT32
+        return openvino_backend.conversion_seconds(parameters), gain
+
     def _openvino_network(self, tracker: ProgressTracker):
         """The compiled OpenVINO network for this run, or None to run on PyTorch."""
         announce = lambda: tracker.stage(  # noqa: E731
@@ -243,13 +263,7 @@ class Segmenter:
             stats.update(backend="torch+openvino", windows_torch=torch_windows, openvino_precision=precision)
             log.info("converted %s for OpenVINO after %d windows; the rest run there", self.card.name, torch_windows)
 
-        from SwinUNETRSegmentLib.inference.devices import cpu_has_native_bf16
-
-        parameters = sum(p.numel() for p in self._network.parameters())
-        gain = openvino_backend.GAIN_BFLOAT16 if cpu_has_native_bf16() else openvino_backend.GAIN_FLOAT32
-        wrapper = openvino_backend.ConvertWhenItPays(
-            net, windows, convert, on_switch, openvino_backend.conversion_seconds(parameters), gain
-        )
+        wrapper = openvino_backend.ConvertWhenItPays(net, windows, convert, on_switch, *self._conversion_estimate())
         return wrapper
 
     def _air_output(self, net, dtype, backend: str):

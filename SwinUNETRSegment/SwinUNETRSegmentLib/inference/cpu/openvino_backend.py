@@ -71,6 +71,12 @@ GAIN_BFLOAT16 = 0.18
 GAIN_FLOAT32 = 0.40
 
 
+def saving_pays(torch_seconds_left: float, cost_s: float, gain: float) -> bool:
+    """Whether OpenVINO's saving (``gain`` of ``torch_seconds_left`` of PyTorch inference still
+    to come) exceeds the conversion's ``cost_s`` by :data:`CONVERT_MARGIN`."""
+    return gain * torch_seconds_left > CONVERT_MARGIN * cost_s
+
+
 def conversion_seconds(parameters: int) -> float:
     """The estimated seconds to convert and compile a network of ``parameters`` weights
     (two measured points, feature size 12 and 48, on a 2-core EPYC)."""
@@ -451,8 +457,7 @@ class ConvertWhenItPays:
 
     def pays(self) -> bool:
         left = self.windows_left - self.torch_windows
-        saved = self.gain * left * self.torch_seconds / max(1, self.torch_windows)
-        return left > 0 and saved > CONVERT_MARGIN * self.cost_s
+        return left > 0 and saving_pays(left * self.torch_seconds / max(1, self.torch_windows), self.cost_s, self.gain)
 
     def __call__(self, batch):
         if self.openvino is not None:
