@@ -89,8 +89,9 @@ def build_parser(parser_class: type = argparse.ArgumentParser) -> argparse.Argum
                    help="after --pacs URL: that PACS's credentials, a file holding 'Bearer TOKEN' or 'USER:PASSWORD' "
                         "(default: $SWINUNETR_DICOMWEB_TOKEN or _USER/_PASSWORD, else none)")
     p.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto",
-                   help="what runs the networks on a CPU: auto = OpenVINO where it is installed (each model is "
-                   "converted on its first job, once per checkpoint and machine), else PyTorch")
+                   help="what runs the networks on a CPU: auto = OpenVINO where a model is converted (in the "
+                   "background after its first job, or during a long job; once per checkpoint and machine), "
+                   "else PyTorch; openvino = convert before the first job")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--ready-file", metavar="F", help=argparse.SUPPRESS)  # the local engine: where the port goes
     p.add_argument("--stop-on-stdin-eof", action="store_true", help=argparse.SUPPRESS)  # ends with its parent

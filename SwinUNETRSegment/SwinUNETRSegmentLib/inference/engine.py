@@ -203,8 +203,8 @@ class Segmenter:
     def convert_openvino(self) -> Optional[Path]:
         """Convert this checkpoint for OpenVINO now, unless it is cached or cannot run
         there (a GPU, float32, no OpenVINO, a caller's network); returns the IR's path or
-        None. The engine service calls it after its first job, ``models convert`` for a
-        model; a failure is logged once and the engine stays on PyTorch."""
+        None. A folder of scans calls it through :meth:`convert_openvino_if_it_pays`; a
+        failure is logged once and the engine stays on PyTorch."""
         return self.openvino.convert_for(self.device, self.fast)
 
     def convert_openvino_in_background(self) -> bool:

@@ -52,8 +52,9 @@ reference pipeline by ``benchmarks/`` and recorded in ``benchmarks/README.md``, 
   minutes to compile on a CPU for no faster calls.
 * **backend**: on the CPU the network can run on OpenVINO's runtime instead of PyTorch
   (:mod:`.cpu.openvino_backend`: converted once per checkpoint and cached). "auto" uses
-  it where its conversion is cached (``swinunetr-segment models convert NAME``, or the
-  engine service after its first job); float32 precision always runs on PyTorch.
+  it where its conversion is cached (``swinunetr-segment models convert NAME``, the engine
+  service in the background after a first job), and converts during a run whose PyTorch
+  windows left would pay for it (``ConvertWhenItPays``); float32 always runs on PyTorch.
   Changes logits by float rounding (bfloat16 where the CPU has it natively, as above).
 * **cache_preprocessed**: a second segmentation of the same voxels and grid reuses the
   model-space tensor (the key is a hash of the voxels, so an edited volume is redone).
@@ -142,7 +143,8 @@ class FastPath:
         cache_preprocessed: reuse the model-space tensor of an unchanged volume.
         slab_voxels: input voxels resampled per slab (bounds the resampling's memory).
         backend: on the CPU, "auto" (OpenVINO when it is installed and this checkpoint's
-            conversion is in the cache, :mod:`.cpu.openvino_backend`; PyTorch otherwise),
+            conversion is in the cache, or once converting during the run pays,
+            :mod:`.cpu.openvino_backend`; PyTorch otherwise),
             "openvino" (convert now when not cached) or "torch". PyTorch always runs
             ``precision="float32"`` (the reference's labels exactly), GPUs and MPS.
     """
