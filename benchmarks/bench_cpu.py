@@ -280,7 +280,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: feature_size 12, the small CT blocks, 1 repeat")
     p.add_argument(
-        "--inputs", default=None, help="comma list of: native, padded, clinical, quick, quick-padded, or file paths"
+        "--inputs",
+        default=None,
+        help="comma list of: native, padded, clinical, thick, quick, quick-padded, or file paths",
     )
     p.add_argument("--pipelines", default="reference,engine", help=f"comma list of: reference, {', '.join(VARIANTS)}")
     p.add_argument(

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "SwinUNETRSegment"))
 
 AIR_HU = -1024
-INPUT_NAMES = ("native", "padded", "clinical", "quick", "quick-padded")
+INPUT_NAMES = ("native", "padded", "clinical", "thick", "quick", "quick-padded")
 
 
 def cache_dir() -> Path:
@@ -115,6 +115,9 @@ def make_input(name: str, cache: Path | None = None) -> Path:
     elif name == "clinical":
         dst = clinical_grid(aff, arr.shape)
         arr, aff = _resample_to(arr, aff, dst, (512, 512, 300)), dst
+    elif name == "thick":  # the grid of the hold-out chest CT: 5-mm slices
+        dst = clinical_grid(aff, arr.shape, (512, 512, 61), (0.63, 0.63, 5.0))
+        arr, aff = _resample_to(arr, aff, dst, (512, 512, 61)), dst
     elif name in ("quick", "quick-padded"):
         arr, aff = _crop_quick(arr, aff)
         if name == "quick-padded":

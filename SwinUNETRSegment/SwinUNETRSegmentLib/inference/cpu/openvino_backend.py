@@ -59,8 +59,8 @@ _WAIT_MS = 100  # how often a running window looks at the cancel flag
 
 #: "auto" on a checkpoint not yet converted converts during the run when the time OpenVINO
 #: would save on the windows left exceeds the conversion's cost times this margin. Measured on
-#: a 2-core EPYC with native bfloat16 (benchmarks/README.md, session 7): converting and
-#: compiling costs 14 s at feature size 12 and 60 s at feature size 48 (10 s + 50 s per 62
+#: a 2-core EPYC with native bfloat16 (benchmarks/README.md, sessions 7 and 8): converting and
+#: compiling costs 7.5 s at feature size 12 and 22 s at feature size 48 (6.5 s + 15 s per 62
 #: million weights, :func:`conversion_seconds`); OpenVINO then saves 18 % of a feature-48 run
 #: there (117 s against 142 s on the example CT) and 39 % of a window where PyTorch runs
 #: float32 (3.45 s against the engine's 5.69 s on the same CPU in float32; the issue's AVX2-only
@@ -79,8 +79,8 @@ def saving_pays(torch_seconds_left: float, cost_s: float, gain: float) -> bool:
 
 def conversion_seconds(parameters: int) -> float:
     """The estimated seconds to convert and compile a network of ``parameters`` weights
-    (two measured points, feature size 12 and 48, on a 2-core EPYC)."""
-    return 10.0 + 50.0 * parameters / 62e6
+    (two measured points on a 2-core EPYC: 4.1 M weights 7.5 s, 62 M weights 21.7 s)."""
+    return 6.5 + 15.2 * parameters / 62e6
 
 
 def no_telemetry() -> None:
@@ -176,7 +176,12 @@ def convert(network, roi_size: Sequence[int], key: str, in_channels: int = 1) ->
             # Tracing warns about every Python branch on a shape; the shape is fixed here
             # (SwinUNETR's window partition reshapes by constants), so they say nothing.
             warnings.simplefilter("ignore")
-            model = ov.convert_model(network, example_input=example, input=[ov.PartialShape(list(example.shape))])
+            # Traced here rather than by convert_model, which calls torch.jit.trace with its
+            # default check_trace=True: two more forward passes to compare, 42 s instead of
+            # 12 s at feature size 48 for a bit-identical IR (benchmarks/README.md, session 8).
+            traced = torch.jit.freeze(torch.jit.trace(network, example, strict=False, check_trace=False))
+            model = ov.convert_model(traced, example_input=example, input=[ov.PartialShape(list(example.shape))])
+            del traced
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         _apply_umask(tmp)
         try:
