@@ -23,6 +23,8 @@ wider margins). ``--quick`` is a smoke run (feature_size 12, 64^3).
     ./dev python benchmarks/bench_network.py                 # feature_size 48, 96^3, ~5 min on 2 cores
     ./dev python benchmarks/bench_network.py --quick
     ./dev python benchmarks/bench_network.py --float32       # what a CPU without native bfloat16 runs
+    ./dev python benchmarks/bench_network.py --float32 --onnxruntime   # + ONNX Runtime (not a dependency:
+        # pip install --target tmp/ortpkgs onnxruntime onnx onnxscript; PYTHONPATH=tmp/ortpkgs)
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--float32", action="store_true",
                    help="the engine's steps and OpenVINO in float32 only, as on a CPU without native bfloat16 "
                         "(with this CPU's full instruction set)")
+    p.add_argument("--onnxruntime", action="store_true",
+                   help="add ONNX Runtime's CPU runtime in float32 (onnxruntime and onnx importable)")
     args = p.parse_args(argv)
 
     import contextlib
@@ -116,6 +120,8 @@ def main(argv=None) -> int:
         )
     engine_s = rows[-1][1]
     rows += _openvino_rows(reference, windows, roi, threads, bf16, timed, ref_out, ref_labels)
+    if args.onnxruntime:
+        rows += _onnxruntime_rows(reference, windows, roi, threads, timed, ref_out, ref_labels)
     print(f"\n{'network as run':52s} {'s/window':>9} {'x ref':>6} {'max |logit diff|':>17} {'argmax agrees':>14}")
     for name, s, diff, agree in rows:
         print(f"{name:52s} {s:9.2f} {ref_s / s:6.2f} {diff:17.4f} {agree:14.4f}")
@@ -155,6 +161,50 @@ def _openvino_rows(reference, windows, roi, threads, bf16, timed, ref_out, ref_l
             del net
     torch.set_num_threads(threads)
     return rows
+
+
+def _onnxruntime_rows(reference, windows, roi, threads, timed, ref_out, ref_labels) -> list:
+    """The same windows on ONNX Runtime's CPU execution provider, float32, one per call (the
+    issue's other candidate backend; measured, not a dependency)."""
+    import tempfile
+
+    import torch
+
+    from SwinUNETRSegmentLib.inference.network import fused_attention
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print("# ONNX Runtime: not importable here: no ONNX Runtime row")
+        return []
+
+    class OrtNetwork:
+        def __init__(self, path):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            self.name = self.session.get_inputs()[0].name
+
+        def __call__(self, batch):
+            outs = [self.session.run(None, {self.name: batch[i : i + 1].numpy()})[0] for i in range(batch.shape[0])]
+            return torch.from_numpy(np.concatenate(outs))
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/net.onnx"
+        t = time.perf_counter()
+        with torch.no_grad(), fused_attention(reference, True):
+            torch.onnx.export(reference, (windows[:1],), path, dynamo=False, opset_version=17)
+        print(f"# ONNX Runtime {ort.__version__}: export {time.perf_counter() - t:.1f} s", flush=True)
+        t = time.perf_counter()
+        net = OrtNetwork(path)
+        print(f"# ONNX Runtime: session {time.perf_counter() - t:.1f} s", flush=True)
+        s, out = timed(net, windows)
+    torch.set_num_threads(threads)
+    return [("ONNX Runtime float32, 1 per call", s, float((out - ref_out).abs().max()),
+             float((out.argmax(1) == ref_labels).float().mean()))]
 
 
 if __name__ == "__main__":
