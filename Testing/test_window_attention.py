@@ -42,11 +42,43 @@ def test_cached_attention_gives_monais_output_bit_for_bit(dtype):
         for batch in (1, 3):
             x = window(batch, dtype=dtype)
             monai = net(x)
-            with cached_window_attention(net) as n:
-                assert n == 8  # 4 stages x 2 blocks
-                first = net(x)
-                again = net(x)  # served from the cache
-            assert torch.equal(first, monai) and torch.equal(again, monai), f"{batch} windows per call"
+            for by_mask in (True, False):
+                with cached_window_attention(net, by_mask=by_mask) as n:
+                    assert n == 8  # 4 stages x 2 blocks
+                    first = net(x)
+                    again = net(x)  # served from the cache
+                assert torch.equal(first, monai) and torch.equal(again, monai), f"{batch} windows, {by_mask}"
+
+
+def test_attention_by_mask_plane_gives_monais_output():
+    """The OpenVINO conversion's attention (``by_mask``: shifted blocks per group of windows
+    sharing a mask plane, at most 8 groups) equals MONAI's fused attention, on 1 and 3
+    windows per call and a window grid that is not a multiple of the window (96^3 at stage
+    1: 48^3 tokens in 7^3 windows, padded)."""
+    from SwinUNETRSegmentLib.inference.cpu import window_attention
+
+    net = swinunetr()
+    planes = []
+    real = window_attention._groups_by_mask
+
+    def counting(module, mask, n, dtype):
+        groups = real(module, mask, n, dtype)
+        planes.append(len(groups[0]))
+        return groups
+
+    window_attention._groups_by_mask = counting
+    try:
+        with torch.inference_mode():
+            for batch, size in ((3, 64), (1, 96)):
+                x = window(batch, size)
+                monai = net(x)
+                with cached_window_attention(net, by_mask=True):
+                    out = net(x)
+                assert float((out - monai).abs().max()) < 1e-5, f"{batch} x {size}^3"
+                assert (out.argmax(1) == monai.argmax(1)).float().mean() > 0.9999
+    finally:
+        window_attention._groups_by_mask = real
+    assert planes and max(planes) <= 8 and min(planes) >= 2  # shifted blocks only, grouped
 
 
 def test_nothing_is_left_behind_and_runs_nest():

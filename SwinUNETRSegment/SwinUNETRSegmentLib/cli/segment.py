@@ -165,7 +165,8 @@ def _segmenter(args: argparse.Namespace, card, weights):
     segmenter = Segmenter(card, weights, device=device, overlap=args.overlap, sw_batch_size=args.sw_batch_size,
                           fast=FastPath(precision=getattr(args, "precision", "auto"),
                                         backend=getattr(args, "backend", "auto")))
-    segmenter.load()  # a checkpoint that does not fit the card fails here, before any inference
+    if not segmenter.runs_on_openvino():  # (a conversion was made from this very checkpoint: it fits)
+        segmenter.load()  # a checkpoint that does not fit the card fails here, before any inference
     return segmenter
 
 

@@ -168,6 +168,19 @@ class Segmenter:
             self._runner = maybe_compile(self._network, self.fast.compile)
         return self._network
 
+    def _release_torch_network(self) -> None:
+        """Free the PyTorch network this engine loaded, once its runs are on OpenVINO (its
+        weights are a second copy of the compiled model's: 250 MB at feature size 48); a
+        later PyTorch run (float32, another backend) loads it again. A caller's network is
+        theirs and stays."""
+        if self._owns_network and self._network is not None and self.checkpoint is not None:
+            self._network, self._runner, self._dtype, self._owns_network = None, None, None, False
+
+    def runs_on_openvino(self) -> bool:
+        """Whether this engine's next run will be on a cached OpenVINO conversion (then
+        :meth:`load` is not needed: the conversion was made from this checkpoint)."""
+        return self.openvino.usable(self.device, self.fast.backend, self.fast.precision) and self.openvino.converted
+
     # ---- the way in ---------------------------------------------------------------
     def preprocess(self, volume: Volume):
         """The whole volume in this card's model space (:func:`~.preprocess.to_model_space`)."""
@@ -331,9 +344,13 @@ class Segmenter:
         fast = self.fast
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        if not self.loaded:
-            tracker.stage("loading model", f"loading {self.card.name} on {self.device}")
-        self.load()
+        ov_net = self._openvino_network(tracker)
+        if ov_net is None:
+            if not self.loaded:
+                tracker.stage("loading model", f"loading {self.card.name} on {self.device}")
+            self.load()
+        else:
+            self._release_torch_network()
         timings["load"] = time.perf_counter() - t0
 
         t = time.perf_counter()
@@ -349,7 +366,8 @@ class Segmenter:
         # On the CPU the card's window batch (a GPU setting) gives way to the fast path's
         # (cpu_windows_per_call); a batch's windows then share one network call, and cancel
         # is checked inside the network (cancel_checks) so it still acts within one window.
-        cpu_batch = cpu_windows_per_call(self._network, fast.cpu_batch, self.sw_batch_size)
+        # (OpenVINO runs one window per request: one per call there)
+        cpu_batch = cpu_windows_per_call(self._network, fast.cpu_batch, self.sw_batch_size) if ov_net is None else 1
         batch = cpu_batch if self.device.type == "cpu" else self.sw_batch_size
         stats: dict[str, Any] = dict(
             preprocess_cached=cached,
@@ -366,8 +384,11 @@ class Segmenter:
         )
 
         t = time.perf_counter()
-        with _eval_mode(self._network), fused_attention(self._network, fast.fused_attention):
-            logits = self._run_windows(prepared, batch, total, tracker, check_cancel, stats)
+        if ov_net is None:
+            with _eval_mode(self._network), fused_attention(self._network, fast.fused_attention):
+                logits = self._run_windows(prepared, batch, total, tracker, check_cancel, stats, None)
+        else:
+            logits = self._run_windows(prepared, batch, total, tracker, check_cancel, stats, ov_net)
         timings["inference"] = time.perf_counter() - t
 
         check_cancel()
@@ -389,16 +410,16 @@ class Segmenter:
         return SegmentationResult(Volume(labels, volume.ijk_to_ras.copy()), self.card, str(self.device), timings, stats)
 
     def _run_windows(
-        self, prepared: Prepared, batch: int, total: int, tracker: ProgressTracker, check_cancel, stats: dict
+        self, prepared: Prepared, batch: int, total: int, tracker: ProgressTracker, check_cancel, stats: dict, ov_net
     ):
         """The stitched ``(1, C, X, Y, Z)`` float32 logits over the prepared image, with the
-        out-of-memory ladder (:func:`~.devices.inference_plans`)."""
+        out-of-memory ladder (:func:`~.devices.inference_plans`); on ``ov_net`` (a compiled
+        OpenVINO network) when given, else on the PyTorch network."""
         import torch
         from monai.inferers import SlidingWindowInfererAdapt
 
         fast, net, roi = self.fast, self._runner, tuple(self.card.roi_size)
         dtype, on_torch = self._dtype, True
-        ov_net = self._openvino_network(tracker)
         if ov_net is not None:
             ov_net.check_cancel = check_cancel
             net, dtype, on_torch = ov_net, torch.float32, False
