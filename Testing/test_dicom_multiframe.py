@@ -272,6 +272,7 @@ def test_multiframe_mixed_with_single_frames_is_one_line(tmp_path):
 # ---------------------------------------------------------------------------------------
 # a DICOM SEG as a training label, end to end
 # ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_seg_the_command_line_wrote_trains_a_model(capsys, tmp_path, tiny_card_file, tiny_checkpoint):
     """Segment a series with the tiny model into a SEG and a label map, train one step on the
     SEG through a datalist; the labels training reads from the SEG are the label map."""

@@ -42,7 +42,7 @@ def test_cached_attention_gives_monais_output_bit_for_bit(dtype):
         for batch in (1, 3):
             x = window(batch, dtype=dtype)
             monai = net(x)
-            for by_mask in (True, False):
+            for by_mask in (True, False) if dtype == torch.bfloat16 else (True,):  # both: the slow tier
                 with cached_window_attention(net, by_mask=by_mask) as n:
                     assert n == 8  # 4 stages x 2 blocks
                     first = net(x)

@@ -30,6 +30,7 @@ import os
 import platform
 
 __all__ = ["DEFAULT_THRESHOLD", "JEMALLOC_CONF", "allocator_env", "configure_allocator", "jemalloc_library",
+           "release_free_memory",
            "openvino_installed",
            "reexec_with_allocator"]
 
@@ -143,3 +144,20 @@ def configure_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
     else:
         log.debug("mallopt is not available here; the allocator keeps its defaults")
     return ok
+
+
+def release_free_memory() -> bool:
+    """Give the C heap's free memory back to the system now (glibc's ``malloc_trim(0)``);
+    returns whether it could. With the thresholds raised (:func:`allocator_env`) glibc keeps
+    what PyTorch frees for reuse, which is the point while PyTorch runs windows; once a run
+    has switched to OpenVINO (``engine._convert_when_it_pays``) those buffers are not reused
+    in the same sizes, and without this they stay resident beside OpenVINO's. No library
+    exposes malloc_trim, hence ctypes."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
