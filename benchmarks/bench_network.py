@@ -24,7 +24,8 @@ wider margins). ``--quick`` is a smoke run (feature_size 12, 64^3).
     ./dev python benchmarks/bench_network.py --quick
     ./dev python benchmarks/bench_network.py --float32       # what a CPU without native bfloat16 runs
     ./dev python benchmarks/bench_network.py --float32 --onnxruntime   # + ONNX Runtime (not a dependency:
-        # pip install --target tmp/ortpkgs onnxruntime onnx onnxscript; PYTHONPATH=tmp/ortpkgs)
+        # pip install --target ~/.cache/ortpkgs onnxruntime onnx onnxscript; PYTHONPATH=~/.cache/ortpkgs,
+        # outside the repository, whose lint test reads every .py file under it)
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ def _onnxruntime_rows(reference, windows, roi, threads, timed, ref_out, ref_labe
     issue's other candidate backend; measured, not a dependency)."""
     import tempfile
 
+    import numpy as np
     import torch
 
     from SwinUNETRSegmentLib.inference.network import fused_attention
@@ -189,8 +191,6 @@ def _onnxruntime_rows(reference, windows, roi, threads, timed, ref_out, ref_labe
         def __call__(self, batch):
             outs = [self.session.run(None, {self.name: batch[i : i + 1].numpy()})[0] for i in range(batch.shape[0])]
             return torch.from_numpy(np.concatenate(outs))
-
-    import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/net.onnx"

@@ -382,13 +382,11 @@ class Segmenter:
         # On the CPU the card's window batch (a GPU setting) gives way to the fast path's
         # (cpu_windows_per_call); a batch's windows then share one network call, and cancel
         # is checked inside the network (cancel_checks) so it still acts within one window.
-        # (OpenVINO runs one window per request: one per call there)
-        cpu_batch = cpu_windows_per_call(self._network, fast.cpu_batch, self.sw_batch_size) if ov_net is None else 1
-        if fast.cpu_batch is None and ov_net is None and self._float32_run_may_convert():
-            # float32 windows before an in-run conversion: one per call, 2.7 GB of activations
-            # instead of 4.6 GB at feature size 48 for at most the 5-10 % that two per call
-            # save in float32 (benchmarks/README.md, session 8)
-            cpu_batch = 1
+        # One per call on OpenVINO (one window per request) and for float32 windows before an
+        # in-run conversion (2.7 GB of activations instead of 4.6 GB at feature size 48, for at
+        # most the 5-10 % two per call save in float32; benchmarks/README.md, session 8).
+        one = ov_net is not None or (fast.cpu_batch is None and self._float32_run_may_convert())
+        cpu_batch = 1 if one else cpu_windows_per_call(self._network, fast.cpu_batch, self.sw_batch_size)
         batch = cpu_batch if self.device.type == "cpu" else self.sw_batch_size
         stats: dict[str, Any] = dict(
             preprocess_cached=cached,

@@ -122,6 +122,16 @@ def reexec_with_allocator(openvino: bool = False) -> None:
     # peak memory again for no measured gain in time (benchmarks/README.md, session 4).
 
 
+def _glibc():
+    """The C library through ctypes where it is glibc (mallopt, malloc_trim), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def configure_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """Set glibc's mmap and trim thresholds to ``threshold`` bytes (once per process).
 
@@ -130,14 +140,14 @@ def configure_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
     global _configured
     if _configured is not None:
         return _configured == threshold
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = all(libc.mallopt(param, int(threshold)) == 1 for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
-    except (OSError, AttributeError):
+    except AttributeError:
         ok = False
     if ok:
         _configured = int(threshold)
@@ -153,11 +163,11 @@ def release_free_memory() -> bool:
     has switched to OpenVINO (``engine._convert_when_it_pays``) those buffers are not reused
     in the same sizes, and without this they stay resident beside OpenVINO's. No library
     exposes malloc_trim, hence ctypes."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(0)
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
     return True

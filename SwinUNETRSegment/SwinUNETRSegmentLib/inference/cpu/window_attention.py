@@ -73,6 +73,12 @@ def _memoised_layer_forward(self, x):
     return rearrange(x, "b d h w c -> b c d h w")
 
 
+def _relative_bias(module, n: int):
+    """MONAI's relative position bias of ``n`` tokens, ``(heads, n, n)`` in the table's dtype."""
+    index = module.relative_position_index[:n, :n].reshape(-1)
+    return module.relative_position_bias_table[index].reshape(n, n, -1).permute(2, 0, 1)
+
+
 def _combined_bias(module, mask, n: int, dtype):
     """``(heads, n, n)`` without a mask, ``(windows * heads, n, n)`` with one: the relative
     position bias plus the shift mask, summed in float32 as MONAI does, in ``dtype``."""
@@ -90,8 +96,7 @@ def _combined_bias(module, mask, n: int, dtype):
     cache = module._swinunetr_segment_biases
     bias = cache.get(key)
     if bias is None:
-        index = module.relative_position_index[:n, :n].reshape(-1)
-        rel = table[index].reshape(n, n, -1).permute(2, 0, 1)  # (heads, n, n)
+        rel = _relative_bias(module, n)
         if mask is None:
             bias = rel.to(dtype).contiguous()
         else:
@@ -123,19 +128,17 @@ def _groups_by_mask(module, mask, n: int, dtype):
     if found is None:
         planes = mask.detach().float().cpu().numpy().reshape(mask.shape[0], -1)
         # grouped by the planes' bytes (np.unique(axis=0) sorts 40 M values per block: seconds)
-        first: dict[bytes, int] = {}
-        kind = np.array([first.setdefault(p.tobytes(), len(first)) for p in planes])
-        unique = planes[[kind.tolist().index(k) for k in range(len(first))]]
-        index = module.relative_position_index[:n, :n].reshape(-1)
-        rel = table[index].reshape(n, n, -1).permute(2, 0, 1)  # (heads, n, n)
+        members: dict[bytes, list[int]] = {}
+        for w, p in enumerate(planes):
+            members.setdefault(p.tobytes(), []).append(w)
+        rel = _relative_bias(module, n)
         rel = rel.to(torch.promote_types(rel.dtype, mask.dtype))
-        groups, members = [], []
-        for k in range(unique.shape[0]):
-            windows = np.flatnonzero(kind == k)
-            plane = torch.from_numpy(unique[k].reshape(n, n)).to(device=mask.device, dtype=rel.dtype)
-            groups.append((torch.from_numpy(windows).to(mask.device), (rel + plane)[None].to(dtype).contiguous()))
-            members.append(windows)
-        order = torch.from_numpy(np.argsort(np.concatenate(members), kind="stable")).to(mask.device)
+        groups = []
+        for windows in members.values():
+            plane = torch.from_numpy(planes[windows[0]].reshape(n, n)).to(device=mask.device, dtype=rel.dtype)
+            index = torch.tensor(windows, device=mask.device)
+            groups.append((index, (rel + plane)[None].to(dtype).contiguous()))
+        order = torch.from_numpy(np.argsort(np.concatenate(list(members.values())), kind="stable")).to(mask.device)
         found = (groups, order)
         if len(cache) >= _MAX_BIASES:
             cache.clear()
