@@ -142,7 +142,7 @@ def test_the_conversion_is_found_again_by_its_checkpoint(home, tmp_path, monkeyp
     entry = openvino_backend.ir_path(first.openvino.key).parent
     assert entry.parent == home / "openvino" and sorted(p.name for p in entry.iterdir()) == ["model.bin", "model.xml"]
     # another process (a new Segmenter) finds it and converts nothing
-    monkeypatch.setattr(openvino_backend, "convert", lambda *a, **k: pytest.fail("converted again"))
+    monkeypatch.setattr(openvino_backend, "convert_in_child", lambda *a, **k: pytest.fail("converted again"))
     assert Segmenter(card, weights, device="cpu").convert_openvino() == entry / "model.xml"
     # other weights are another conversion: not found, and "auto" runs them on PyTorch
     other = tmp_path / "other.pt"
@@ -152,9 +152,58 @@ def test_the_conversion_is_found_again_by_its_checkpoint(home, tmp_path, monkeyp
     assert changed.openvino.key != first.openvino.key and not changed.openvino.converted
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads this process's resident memory (Linux)")
+def test_a_conversion_leaves_nothing_resident_in_the_engine(tmp_path, monkeypatch):
+    """The conversion runs in a child process: converting the built-in model in the engine's
+    own process left about 0.5 GB resident (TorchScript's and OpenVINO's leftovers), which the
+    engine service would carry for its whole life."""
+    monkeypatch.setenv("SWINUNETR_SEGMENT_HOME", str(tmp_path))
+    seg = _segmenter()
+    assert seg.openvino.key  # the checkpoint's SHA256, read before the measurement
+    before = _rss_mb()
+    assert seg.convert_openvino() is not None and seg.openvino.converted
+    assert _rss_mb() - before < 100
+    entry = openvino_backend.ir_path(seg.openvino.key).parent
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]  # no temporary folder left
+
+
+def test_a_failed_conversion_says_why_in_one_line_and_the_run_goes_on_on_pytorch(tmp_path, monkeypatch, one_window,
+                                                                                part_ct, caplog):
+    """The child's reason reaches the engine's log as one line; the run is not held up."""
+    monkeypatch.setenv("SWINUNETR_SEGMENT_HOME", str(tmp_path))
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
+                    "echo 'OpConversionFailure: aten::frobnicate has no OpenVINO conversion' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    seg = _segmenter(backend="openvino")
+    with caplog.at_level("WARNING"):
+        result = seg.segment(one_window)
+    assert result.stats["backend"] == "torch"
+    assert seg.openvino.failed == "OpConversionFailure: aten::frobnicate has no OpenVINO conversion"
+    warned = [r.getMessage() for r in caplog.records if "cannot convert" in r.getMessage()]
+    assert warned and "frobnicate" in warned[0] and "\n" not in warned[0]
+    assert not (tmp_path / "openvino").exists() or not any((tmp_path / "openvino").iterdir())
+    # a first run whose conversion pays but fails: PyTorch after all, every window counted once
+    monkeypatch.setattr(openvino_backend, "CONVERT_MARGIN", 0.0)
+    messages = []
+    auto = _segmenter().segment(part_ct, progress=lambda p: messages.append(p))
+    assert auto.stats["backend"] == "torch" and "converted_in_run" not in auto.stats
+    assert any("converting demo" in p.message for p in messages)
+    done = [p.done for p in messages if p.stage == "inference" and p.message.startswith("window")]
+    assert done[-1] == auto.stats["windows_total"] and done == sorted(done)
+    torch_only = _segmenter(backend="torch").segment(part_ct)
+    np.testing.assert_array_equal(auto.labels.array, torch_only.labels.array)
+
+
 def test_auto_without_a_conversion_runs_on_pytorch_and_converts_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("SWINUNETR_SEGMENT_HOME", str(tmp_path))
-    monkeypatch.setattr(openvino_backend, "convert", lambda *a, **k: pytest.fail("auto converted"))
+    monkeypatch.setattr(openvino_backend, "convert_in_child", lambda *a, **k: pytest.fail("auto converted"))
     from conftest import make_affine
 
     from SwinUNETRSegmentLib.geometry import Volume
@@ -188,22 +237,28 @@ def not_yet_converted(home, monkeypatch):
 
 def test_a_long_auto_run_converts_once_it_pays_and_finishes_on_openvino(not_yet_converted, part_ct, monkeypatch):
     """A run whose PyTorch windows left would outlast the conversion converts in the run and
-    goes on on OpenVINO; its labels are PyTorch's to float rounding, on the input grid."""
+    runs its windows again on OpenVINO, letting go of the PyTorch network: its labels are
+    exactly what the next run on the same scan gives, on the input grid, and PyTorch's to
+    float rounding."""
     monkeypatch.setattr(openvino_backend, "CONVERT_MARGIN", 0.0)  # every run "pays" here
     messages = []
-    result = _segmenter().segment(part_ct, progress=lambda p: messages.append((p.stage, p.message, p.done)))
+    seg = _segmenter()
+    result = seg.segment(part_ct, progress=lambda p: messages.append((p.stage, p.message, p.done)))
     stats = result.stats
-    assert stats["backend"] == "torch+openvino" and not_yet_converted["calls"] == 1
+    assert stats["backend"] == "openvino" and stats["converted_in_run"] and not_yet_converted["calls"] == 1
     assert 1 <= stats["windows_torch"] < stats["windows_run"]
+    assert not seg.loaded  # no PyTorch copy of the weights beside OpenVINO's
     assert any("converting demo for OpenVINO" in m for _, m, _ in messages)
-    # progress went on past the pause and counted every window once
+    # the bar never went back: it waited while OpenVINO redid PyTorch's windows, then counted on
     done = [d for stage, m, d in messages if stage == "inference" and m.startswith("window")]
     assert done[-1] == stats["windows_total"] and done == sorted(done)
-    torch_only = _segmenter(backend="torch").segment(part_ct)
     assert result.labels.same_grid(part_ct)
+    # the next run of the same engine kind finds the conversion: the same labels, voxel for voxel
+    again = _segmenter().segment(part_ct)
+    assert again.stats["backend"] == "openvino" and "converted_in_run" not in again.stats
+    np.testing.assert_array_equal(result.labels.array, again.labels.array)
+    torch_only = _segmenter(backend="torch").segment(part_ct)
     assert (result.labels.array == torch_only.labels.array).mean() > 0.999
-    # the next run of the same engine kind finds the conversion and runs on OpenVINO only
-    assert _segmenter().segment(part_ct).stats["backend"] == "openvino"
 
 
 def test_the_in_run_conversion_pays_where_it_was_measured_to():
@@ -211,8 +266,7 @@ def test_the_in_run_conversion_pays_where_it_was_measured_to():
     60 windows at 2.3 s each on a bfloat16 CPU stays on PyTorch (its 18 % saving does not pay a 22-s
     conversion by the margin); the same windows at the 7 s of a float32-only CPU convert."""
     def after_first_call(seconds_per_window, gain, windows=60, parameters=62_000_000):
-        w = openvino_backend.ConvertWhenItPays(None, windows, None, None,
-                                               openvino_backend.conversion_seconds(parameters), gain)
+        w = openvino_backend.ConvertWhenItPays(None, windows, openvino_backend.conversion_seconds(parameters), gain)
         w.torch_windows, w.torch_seconds = 2, 2 * seconds_per_window
         return w.pays()
 
@@ -246,8 +300,8 @@ def test_float32_windows_that_may_convert_run_one_per_call(not_yet_converted, on
         return Segmenter(card, weights, device="cpu", sw_batch_size=2, fast=FastPath(**fast)).segment(volume)
 
     result = run(part_ct)
-    assert result.stats["windows_per_call"] == 1 and result.stats["precision"] == "float32"
-    assert result.stats["backend"] == "torch+openvino"
+    assert result.stats["windows_per_call_torch"] == 1 and result.stats["precision"] == "float32"
+    assert result.stats["converted_in_run"]
     assert trims, "the C heap was not handed back around the conversion"
     assert run(backend="torch").stats["windows_per_call"] == 2  # no conversion to come
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
@@ -396,3 +450,28 @@ def test_conversion_sends_no_telemetry(home):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-1000:]
     assert run.stdout.strip() == "None"
+
+
+def test_the_conversion_process_runs_on_glibc_defaults_where_we_raised_them(monkeypatch, tmp_path):
+    """The raised thresholds keep freed buffers for PyTorch's next window; the conversion has
+    none, and under them its process peaked at 2.7 GB instead of 1.2 (feature size 48). The
+    user's own thresholds reach it unchanged."""
+    from SwinUNETRSegmentLib.inference import devices, memory
+
+    monkeypatch.setattr(devices, "cpu_flags_have_bf16", lambda: False)
+    seen = []
+
+    def run(cmd, env=None, **kwargs):
+        seen.append(env)
+        return subprocess.CompletedProcess(cmd, 1, "", "RuntimeError: stopped by the test\n")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    card, weights = catalog.resolve_model("demo")
+    for env in (memory.allocator_env({}, openvino=True), {"MALLOC_TRIM_THRESHOLD_": "4096"}):
+        monkeypatch.setattr(os, "environ", dict(env, SWINUNETR_SEGMENT_HOME=str(tmp_path)))
+        with pytest.raises(RuntimeError, match="stopped by the test"):
+            openvino_backend.convert_in_child(card, weights, "k" * 32, 1)
+    ours, users = seen
+    assert "MALLOC_MMAP_THRESHOLD_" not in ours and "MALLOC_TRIM_THRESHOLD_" not in ours
+    assert users["MALLOC_TRIM_THRESHOLD_"] == "4096"
+    assert ours["SWINUNETR_SEGMENT_OPENVINO_CACHE"] == str(tmp_path / "openvino")

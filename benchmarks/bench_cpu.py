@@ -131,7 +131,9 @@ def worker(args) -> None:
         vol, _ = read_volume(args.input)
         read = time.perf_counter() - t0
         seg = Segmenter(card, args.checkpoint, device=args.device, fast=fast, overlap=overlap)
-        res = seg.segment(vol)
+        with TreeMemory() as tree:
+            res = seg.segment(vol)
+        result["tree_peak_rss_mb"] = tree.peak_mb
         timings = {"read": read, **{k: v for k, v in res.timings.items() if k != "total"}}
         timings["total"] = time.perf_counter() - t0
         labels, affine = res.labels.array, res.labels.ijk_to_ras
@@ -153,6 +155,59 @@ def worker(args) -> None:
     np.save(args.labels_out, labels)
     np.save(args.labels_out + ".affine.npy", affine)
     Path(args.result_json).write_text(json.dumps(result))
+
+
+class TreeMemory:
+    """The peak of this process's resident memory plus its children's, sampled every 20 ms
+    (Linux ``/proc``; ``peak_mb`` stays None elsewhere): an in-run conversion runs in a child
+    process, whose memory ``os.wait4``'s ``ru_maxrss`` reports as a maximum, not a sum."""
+
+    def __init__(self):
+        import threading
+
+        self.peak_mb, self._stop = None, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _rss_kb(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return next((int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")), 0)
+        except OSError:
+            return 0
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        import glob
+
+        out = []
+        for path in glob.glob(f"/proc/{pid}/task/*/children"):
+            try:
+                out += [int(x) for x in open(path).read().split()]
+            except OSError:
+                pass
+        return out
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            todo, total = [os.getpid()], 0
+            while todo:
+                pid = todo.pop()
+                total += self._rss_kb(pid)
+                todo += self._children(pid)
+            self.peak_mb = max(self.peak_mb or 0, total / 1024)
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        if os.path.exists(f"/proc/{os.getpid()}/status"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        return False
 
 
 def engine_fastpath(variant: str, overrides: dict):
@@ -261,6 +316,8 @@ def run_child(pipeline: str, input_path: Path, card: Path, checkpoint: Path, arg
         result.update(json.loads((tmp / f"ov-home-{Path(checkpoint).stem}.json").read_text()))
     result["process_wall"] = wall
     result["peak_rss_mb"] = maxrss_mb if maxrss_mb is not None else result["self_maxrss_mb"]
+    # os.wait4 gives the largest of the process and its children (a conversion's), not their sum
+    result["peak_rss_mb"] = max(result["peak_rss_mb"], result.get("tree_peak_rss_mb") or 0)
     result["labels"] = labels_out
     return result
 
@@ -426,7 +483,7 @@ def summarize(name: str, path: Path, runs: dict, card_path: Path, args) -> dict:
         win = f"{st.get('windows_run', '')}/{st.get('windows_full_image', '')}" if st else "all"
         stage_txt = " ".join(f"{k} {v:.1f}" for k, v in stages.items())
         if st.get("backend", "torch") != "torch":  # where the network ran (and for how many windows on PyTorch)
-            on_torch = f", {st['windows_torch']} on torch" if "windows_torch" in st else ""
+            on_torch = f", converted after {st['windows_torch']} on torch" if "windows_torch" in st else ""
             stage_txt += f"  [{st['backend']}{on_torch}]"
         print(
             f"{pl:>10} {total:13.1f} {ref_total / total:6.2f} {rss:12.0f} {rss / ref_rss:5.2f} {win:>9} {mean:9.4f}"

@@ -72,7 +72,7 @@ class ProgressTracker:
         self.callback = callback
         self.clock = clock
         self._inference_start: Optional[float] = None
-        self._base = 0  # windows done when the current speed began (rebase)
+        self._hold = 0  # window reports up to this many are not shown (hold_until)
         self._last: Optional[Progress] = None
 
     def stage(self, stage: str, message: str = "") -> None:
@@ -85,12 +85,14 @@ class ProgressTracker:
         """Report ``done`` of ``total`` sliding windows finished."""
         now = self.clock()
         if self._inference_start is None or done == 0:
-            self._inference_start, self._base = now, 0
+            self._inference_start = now
+        if self._hold and done <= self._hold:
+            return
         lo, hi = STAGES["inference"]
         frac = done / total if total else 1.0
         left: Optional[float] = None
-        if done > self._base:
-            per_window = (now - self._inference_start) / (done - self._base)
+        if done > 0:
+            per_window = (now - self._inference_start) / done
             left = per_window * (total - done) + self._tail_seconds(per_window * total)
         self._emit(Progress("inference", lo + (hi - lo) * frac, left, f"window {done} of {total}", done, total))
 
@@ -100,10 +102,10 @@ class ProgressTracker:
             p = self._last
             self._emit(Progress(p.stage, p.fraction, None, message, p.done, p.total))
 
-    def rebase(self, done: int) -> None:
-        """The windows from ``done`` on run at another speed: estimate the time left from
-        them only (the run moved to a faster backend)."""
-        self._inference_start, self._base = self.clock(), int(done)
+    def hold_until(self, done: int) -> None:
+        """The windows start again (the run moved to a faster backend): the bar stays where
+        it is until the new pass has done more than ``done`` windows."""
+        self._hold = int(done)
 
     def _tail_seconds(self, inference_seconds: float) -> float:
         lo, hi = STAGES["inference"]

@@ -265,35 +265,17 @@ class Segmenter:
         )
         return self.openvino.network_for(self.device, self.fast, self._threads, announce)
 
-    def _convert_when_it_pays(self, net, windows: int, tracker: ProgressTracker, check_cancel, stats: dict):
-        """The torch network of an "auto" run on a checkpoint not converted yet, wrapped so
-        that a long run converts it once that pays (``ConvertWhenItPays``) and goes on on OpenVINO (the windows run
-        so far stay as PyTorch computed them)."""
-        import torch
-
-        def convert():
-            tracker.note(
-                f"converting {self.card.name} for OpenVINO (once per checkpoint; the rest of this run is faster)"
-            )
-            # What PyTorch's windows freed, glibc keeps for them (raised thresholds on a CPU
-            # without bfloat16); the conversion and OpenVINO's windows would stack on top of it
-            # (a first run's peak was 6.8 GB instead of 2.5 at feature size 48): hand it back
-            # before the conversion and what the conversion freed after it.
-            release_free_memory()
-            try:
-                return self.openvino.convert_waiting(self.fast, self._threads, check_cancel)
-            finally:
-                release_free_memory()
-
-        def on_switch(torch_windows: int, batch: int) -> None:
-            wrapper.predictor.dtype = torch.float32
-            tracker.rebase(wrapper.predictor.done + batch)
-            precision = "float32" if wrapper.openvino.precision == "f32" else "bfloat16"
-            stats.update(backend="torch+openvino", windows_torch=torch_windows, openvino_precision=precision)
-            log.info("converted %s for OpenVINO after %d windows; the rest run there", self.card.name, torch_windows)
-
-        wrapper = openvino_backend.ConvertWhenItPays(net, windows, convert, on_switch, *self._conversion_estimate())
-        return wrapper
+    def _convert_in_run(self, tracker: ProgressTracker, check_cancel):
+        """Convert for OpenVINO in the middle of a run (``ConvertWhenItPays`` found it pays),
+        its PyTorch part let go first; returns the compiled network, or None when the
+        conversion failed (logged; the run goes on on PyTorch)."""
+        tracker.note(f"converting {self.card.name} for OpenVINO (once per checkpoint; the rest of this run is faster)")
+        # The network, and what PyTorch's windows freed, which glibc keeps for them (raised
+        # thresholds on a CPU without bfloat16), would stay resident beside the conversion's
+        # process and OpenVINO's windows: let go of both.
+        self._release_torch_network()
+        release_free_memory()
+        return self.openvino.convert_waiting(self.fast, self._threads, check_cancel)
 
     def _air_output(self, net, dtype, backend: str):
         """The network's answer for a window of pure air (every voxel ``b_min``), once."""
@@ -403,11 +385,25 @@ class Segmenter:
         )
 
         t = time.perf_counter()
+        logits, torch_windows = None, None
         if ov_net is None:
-            with _eval_mode(self._network), fused_attention(self._network, fast.fused_attention):
-                logits = self._run_windows(prepared, batch, total, tracker, check_cancel, stats, None)
-        else:
-            logits = self._run_windows(prepared, batch, total, tracker, check_cancel, stats, ov_net)
+            try:
+                logits = self._torch_windows(prepared, batch, total, tracker, check_cancel, stats)
+            except openvino_backend.ConversionPays as pays:
+                torch_windows = pays.torch_windows
+        if torch_windows is not None:
+            ov_net = self._convert_in_run(tracker, check_cancel)
+            tracker.hold_until(torch_windows)  # the bar waits while the windows done are done again
+            if ov_net is None:  # the conversion failed (logged): PyTorch after all, from the first window
+                self.load()
+                logits = self._torch_windows(prepared, batch, total, tracker, check_cancel, stats)
+            else:
+                log.info("converted %s for OpenVINO after %d windows on PyTorch; the run starts again there",
+                         self.card.name, torch_windows)
+                stats.update(converted_in_run=True, windows_torch=torch_windows,
+                             windows_per_call_torch=stats["windows_per_call"], windows_per_call=1)
+        if logits is None:
+            logits = self._run_windows(prepared, 1, total, tracker, check_cancel, stats, ov_net)
         timings["inference"] = time.perf_counter() - t
 
         check_cancel()
@@ -428,6 +424,11 @@ class Segmenter:
         timings["total"] = time.perf_counter() - t0
         return SegmentationResult(Volume(labels, volume.ijk_to_ras.copy()), self.card, str(self.device), timings, stats)
 
+    def _torch_windows(self, prepared: Prepared, batch: int, total: int, tracker: ProgressTracker, check_cancel,
+                       stats: dict):
+        with _eval_mode(self._network), fused_attention(self._network, self.fast.fused_attention):
+            return self._run_windows(prepared, batch, total, tracker, check_cancel, stats, None)
+
     def _run_windows(
         self, prepared: Prepared, batch: int, total: int, tracker: ProgressTracker, check_cancel, stats: dict, ov_net
     ):
@@ -445,7 +446,8 @@ class Segmenter:
             stats.update(backend="openvino", precision=ov_net.precision.replace("f32", "float32").replace(
                 "bf16", "bfloat16"), weights="openvino")
         elif self.openvino.may_convert_in_run(self.device, fast):
-            net = self._convert_when_it_pays(net, total - len(prepared.air_starts), tracker, check_cancel, stats)
+            windows_left = total - len(prepared.air_starts)
+            net = openvino_backend.ConvertWhenItPays(net, windows_left, *self._conversion_estimate())
         predictor = WindowPredictor(
             net,
             dtype,
@@ -454,9 +456,6 @@ class Segmenter:
             check_cancel,
             lambda done: tracker.windows(done, total),
         )
-        if isinstance(net, openvino_backend.ConvertWhenItPays):
-            net.predictor = predictor
-
         def attempt(plan: Plan):
             predictor.done = 0
             tracker.windows(0, total)

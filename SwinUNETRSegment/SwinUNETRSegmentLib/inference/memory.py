@@ -29,12 +29,16 @@ import logging
 import os
 import platform
 
-__all__ = ["DEFAULT_THRESHOLD", "JEMALLOC_CONF", "allocator_env", "configure_allocator", "jemalloc_library",
+__all__ = ["DEFAULT_THRESHOLD", "JEMALLOC_CONF",
+           "RAISED_BY_US", "allocator_env", "configure_allocator", "jemalloc_library",
            "release_free_memory",
            "openvino_installed",
            "reexec_with_allocator"]
 
 log = logging.getLogger(__name__)
+
+#: set beside glibc's thresholds where :func:`allocator_env` raised them (not the user)
+RAISED_BY_US = "_SWINUNETR_SEGMENT_RAISED_THRESHOLDS"
 
 #: glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -92,6 +96,7 @@ def allocator_env(env: dict | None = None, openvino: bool = False) -> dict:
         mine = env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_")
         if glibc and not mine and not cpu_flags_have_bf16():
             env["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_TRIM_THRESHOLD_"] = str(DEFAULT_THRESHOLD)
+            env[RAISED_BY_US] = "1"  # a conversion's child process goes back to glibc's defaults
         return env
     lib = jemalloc_library()
     if lib is None:

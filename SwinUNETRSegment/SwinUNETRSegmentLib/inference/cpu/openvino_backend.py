@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
+from SwinUNETRSegmentLib.inference.memory import RAISED_BY_US
 
 __all__ = [
     "available",
@@ -48,7 +49,11 @@ __all__ = [
     "ir_path",
     "is_converted",
     "convert",
+    "convert_checkpoint",
+    "convert_in_child",
     "OpenVINONetwork",
+    "ConversionPays",
+    "ConvertWhenItPays",
 ]
 
 log = logging.getLogger(__name__)
@@ -129,7 +134,11 @@ def version() -> str:
 
 
 def cache_root() -> Path:
-    """``<catalog home>/openvino``: next to the installed models."""
+    """``<catalog home>/openvino``: next to the installed models (a conversion's child
+    process is told its parent's, ``SWINUNETR_SEGMENT_OPENVINO_CACHE``)."""
+    given = os.environ.get("SWINUNETR_SEGMENT_OPENVINO_CACHE")
+    if given:
+        return Path(given)
     from SwinUNETRSegmentLib.models.catalog import home_dir
 
     return home_dir() / "openvino"
@@ -194,6 +203,56 @@ def convert(network, roi_size: Sequence[int], key: str, in_channels: int = 1) ->
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted the network for OpenVINO in %.1f s (%s)", time.perf_counter() - t, final)
     return final / "model.xml"
+
+
+def convert_checkpoint(card, checkpoint: Path, key: str) -> Path:
+    """Convert ``card``'s network with the weights of ``checkpoint`` and store it under
+    ``key`` (what the conversion's child process runs): a float32 copy of the network with
+    fused attention, which OpenVINO maps to its own attention operation, and the shifted
+    windows' attention grouped by mask plane (eight ``(heads, n, n)`` planes per block instead
+    of the ``(windows, heads, n, n)`` sum OpenVINO folds into constants; window_attention.py)."""
+    from SwinUNETRSegmentLib.inference.cpu.window_attention import cached_window_attention
+    from SwinUNETRSegmentLib.inference.network import fused_attention
+    from SwinUNETRSegmentLib.models.checkpoint import load_model
+
+    network = load_model(card, checkpoint).float().eval()
+    in_channels = int(card.network_args.get("in_channels", 1))
+    with fused_attention(network, True), cached_window_attention(network, True, by_mask=True):
+        return convert(network, card.roi_size, key, in_channels)
+
+
+def convert_in_child(card, checkpoint: Path, key: str, threads: int) -> Path:
+    """:func:`convert_checkpoint` in a child Python process; returns the IR's path or raises
+    RuntimeError with the child's one-line reason.
+
+    Why a process: a conversion in the engine's own process leaves about 0.7 GB resident at
+    feature size 48 after it is done (TorchScript keeps the traced graph's compilation unit,
+    OpenVINO's frontend its own buffers; neither can be handed back), on top of a peak that
+    stacks on the run's; the engine service, which converts in the background, would carry
+    that for its whole life. A child's memory goes with it; its cache entry is written to a
+    temporary folder and renamed into place, so a child killed midway leaves nothing behind.
+    """
+    import subprocess
+    import sys
+
+    package_root = Path(__file__).resolve().parents[3]  # the folder holding SwinUNETRSegmentLib
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(package_root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["SWINUNETR_SEGMENT_OPENVINO_CACHE"] = str(cache_root())
+    if env.pop(RAISED_BY_US, None):
+        # the thresholds keep freed buffers for PyTorch's next window (memory.allocator_env);
+        # a conversion has no next window, and with them its peak was 2.7 GB instead of 1.2
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        env.pop("MALLOC_TRIM_THRESHOLD_", None)
+    cmd = [sys.executable, "-m", "SwinUNETRSegmentLib.inference.cpu.openvino_convert",
+           "--checkpoint", str(checkpoint), "--key", key, "--threads", str(int(threads))]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, input=json.dumps(card.to_json()), capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not is_converted(key):
+        lines = [line.strip() for line in (proc.stderr or "").splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"the conversion process ended with exit code {proc.returncode}")
+    log.info("converted the network for OpenVINO in a child process in %.1f s", time.perf_counter() - t)
+    return ir_path(key)
 
 
 def _apply_umask(folder: Path) -> None:
@@ -311,34 +370,22 @@ class Conversion:
         return is_converted(self.key)
 
     def convert(self, spare_core: bool = True) -> Path:
-        """The IR for this checkpoint, converted now when it is not in the cache (from a
-        float32 copy of the network with fused attention, which OpenVINO maps to its own
-        attention operation). ``spare_core``: trace on one core fewer (a conversion beside
-        the user's work); False when a run waits for it."""
+        """The IR for this checkpoint, converted now when it is not in the cache, in a
+        process of its own (:func:`convert_in_child`). ``spare_core``: trace on one core
+        fewer (a conversion beside the user's work); False when a run waits for it."""
         if self.converted:
             return ir_path(self.key)
         import torch
 
-        from SwinUNETRSegmentLib.inference.cpu.window_attention import cached_window_attention
-        from SwinUNETRSegmentLib.inference.network import fused_attention
-        from SwinUNETRSegmentLib.models.checkpoint import load_model
-
-        network = load_model(self.card, self.checkpoint).float().eval()
-        in_channels = int(self.card.network_args.get("in_channels", 1))
         threads = torch.get_num_threads()
         try:
             # one core fewer for the tracing: the conversion is in the background of what the
             # user is doing (Slicer's main thread on a 2-core laptop), not in front of it
-            torch.set_num_threads(max(1, threads - 1) if spare_core else threads)
-            # by mask plane: the shift masks stay eight (heads, n, n) planes per block instead of
-            # the (windows, heads, n, n) sum OpenVINO folds into constants (window_attention.py)
-            with fused_attention(network, True), cached_window_attention(network, True, by_mask=True):
-                return convert(network, self.card.roi_size, self.key, in_channels)
-        except Exception as exc:  # OpenVINO's frontends raise many types
+            threads = max(1, threads - 1) if spare_core else threads
+            return convert_in_child(self.card, self.checkpoint, self.key, threads)
+        except Exception as exc:  # the child's reason, or a failure to start it
             self.failed = " ".join(str(exc).split())[:200]
             raise
-        finally:
-            torch.set_num_threads(threads)
 
     def precision_for(self, fast) -> str:
         from SwinUNETRSegmentLib.inference.devices import cpu_has_native_bf16
@@ -439,29 +486,39 @@ _conversions: dict[str, threading.Thread] = {}
 _conversions_lock = threading.Lock()
 
 
+class ConversionPays(Exception):
+    """Raised out of a run's PyTorch windows once :class:`ConvertWhenItPays` finds that
+    converting pays: the run lets go of everything PyTorch held (the network, its caches,
+    the half-stitched output), converts, and runs its windows again on OpenVINO."""
+
+    def __init__(self, torch_windows: int):
+        super().__init__(f"converting pays after {torch_windows} windows on PyTorch")
+        self.torch_windows = int(torch_windows)
+
+
 class ConvertWhenItPays:
     """The PyTorch network of an "auto" run whose checkpoint is not converted yet, called
     like it: after each call it estimates the time the windows left would take on PyTorch
-    and, once ``gain`` of that exceeds ``cost_s`` times :data:`CONVERT_MARGIN`, has them
-    converted (``convert``: returns the compiled OpenVINO network or None) and runs the
-    rest on OpenVINO.
+    and, once ``gain`` of that exceeds ``cost_s`` times :data:`CONVERT_MARGIN`, raises
+    :class:`ConversionPays`.
+
+    Why the run starts again rather than going on from where it was: the PyTorch network,
+    its attention caches and the allocator's retained buffers would otherwise stay resident
+    under the conversion and beside OpenVINO's compiled model until the run ends (a first
+    run's peak at feature size 48 was 1 GB above a converted run's), and the labels are then
+    a converted run's exactly, as the next run on the same scan gives them. It costs the one
+    or two windows PyTorch ran.
 
     Args:
         torch_network: the network as the run calls it.
         windows_left: windows this run will send through the network.
-        convert: () -> OpenVINONetwork or None; called at most once.
-        on_switch: called with the windows done on PyTorch and the size of the last batch
-            when the run moves to OpenVINO.
         cost_s: the conversion's estimated seconds (:func:`conversion_seconds`).
         gain: the share of a window's PyTorch time OpenVINO saves here.
     """
 
-    def __init__(self, torch_network, windows_left: int, convert, on_switch, cost_s: float, gain: float):
-        self.torch_network, self.windows_left, self.convert, self.on_switch = (
-            torch_network, int(windows_left), convert, on_switch)
+    def __init__(self, torch_network, windows_left: int, cost_s: float, gain: float):
+        self.torch_network, self.windows_left = torch_network, int(windows_left)
         self.cost_s, self.gain = float(cost_s), float(gain)
-        self.openvino: Optional[OpenVINONetwork] = None
-        self.decided = False
         self.torch_windows, self.torch_seconds = 0, 0.0
 
     def pays(self) -> bool:
@@ -469,15 +526,10 @@ class ConvertWhenItPays:
         return left > 0 and saving_pays(left * self.torch_seconds / max(1, self.torch_windows), self.cost_s, self.gain)
 
     def __call__(self, batch):
-        if self.openvino is not None:
-            return self.openvino(batch)
         t = time.perf_counter()
         out = self.torch_network(batch)
         self.torch_seconds += time.perf_counter() - t
         self.torch_windows += int(batch.shape[0])
-        if not self.decided and self.pays():
-            self.decided = True
-            self.openvino = self.convert()
-            if self.openvino is not None:
-                self.on_switch(self.torch_windows, int(batch.shape[0]))
+        if self.pays():
+            raise ConversionPays(self.torch_windows)
         return out

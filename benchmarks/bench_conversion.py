@@ -1,0 +1,109 @@
+"""The OpenVINO conversion: in the engine's own process against a process of its own.
+
+For each way, a fresh process (the engine) converts a checkpoint into an empty cache,
+compiles the result and runs one window, and reports:
+
+* the conversion's wall seconds;
+* the engine process's resident memory before, after the conversion, and after compiling
+  and one window (what a warm engine, the service or Slicer's local engine, then carries);
+* the peak of the engine process plus its children, sampled every 20 ms (a conversion in
+  a child stacks on the engine's memory while it runs).
+
+Ways: ``in-process`` (``openvino_backend.convert_checkpoint`` called by the engine, what
+the engine did until session 9) and ``child`` (``Conversion.convert``: the conversion in a
+child process, what it does now). Interleaved, ``--repeats`` times each.
+
+    ./dev python benchmarks/bench_conversion.py                      # feature size 48, 96^3
+    ./dev python benchmarks/bench_conversion.py --feature-size 12 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "SwinUNETRSegment"))
+sys.path.insert(0, str(HERE))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024
+
+
+def worker(args) -> None:
+    import time
+    import warnings
+
+    warnings.simplefilter("ignore")
+    import openvino  # noqa: F401  (imported before the first figure, as the engine has it)
+    import torch
+    from bench_cpu import TreeMemory
+    from inputs import random_checkpoint
+
+    from SwinUNETRSegmentLib.inference.cpu import openvino_backend
+    from SwinUNETRSegmentLib.models.cards import load_card
+
+    card_path, checkpoint = random_checkpoint(args.feature_size)
+    card = load_card(card_path)
+    conversion = openvino_backend.Conversion(card, checkpoint)
+    key = conversion.key
+    out = {"before_mb": _rss_mb()}
+    t = time.perf_counter()
+    with TreeMemory() as tree:
+        if args.worker == "child":
+            conversion.convert(spare_core=False)
+        else:
+            with torch.no_grad():
+                openvino_backend.convert_checkpoint(card, checkpoint, key)
+    out["convert_s"] = time.perf_counter() - t
+    out["tree_peak_mb"] = tree.peak_mb
+    out["after_convert_mb"] = _rss_mb()
+    net = conversion.network("f32", torch.get_num_threads())
+    net(torch.zeros((1, 1) + tuple(card.roi_size)))
+    out["after_window_mb"] = _rss_mb()
+    print(json.dumps(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--feature-size", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--worker", choices=("in-process", "child"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    from bench_service import cpu_flags
+
+    print(f"CPU: {cpu_flags()}; feature size {args.feature_size}, {args.repeats} repeat(s), interleaved")
+    results: dict[str, list[dict]] = {"in-process": [], "child": []}
+    for _ in range(args.repeats):
+        for way in results:
+            home = tempfile.mkdtemp(prefix="bench-conversion-")
+            env = dict(os.environ, SWINUNETR_SEGMENT_HOME=home)
+            run = subprocess.run([sys.executable, __file__, "--worker", way, "--feature-size", str(args.feature_size)],
+                                 capture_output=True, text=True, env=env)
+            subprocess.run(["rm", "-rf", home])
+            if run.returncode != 0:
+                raise SystemExit(f"{way} failed:\n{run.stderr[-3000:]}")
+            results[way].append(json.loads(run.stdout.strip().splitlines()[-1]))
+    cols = ("convert_s", "before_mb", "after_convert_mb", "after_window_mb", "tree_peak_mb")
+    print(f"{'way':>10} " + " ".join(f"{c:>16}" for c in cols) + "   (medians)")
+    for way, rs in results.items():
+        print(f"{way:>10} " + " ".join(f"{statistics.median(r[c] for r in rs):16.1f}" for c in cols))
+    a, b = results["in-process"], results["child"]
+    kept_a = statistics.median(r["after_window_mb"] for r in a)
+    kept_b = statistics.median(r["after_window_mb"] for r in b)
+    print(f"the engine after the conversion, a compile and one window: {kept_b:.0f} MB with the child "
+          f"against {kept_a:.0f} MB in-process ({kept_a - kept_b:.0f} MB less)")
+
+
+if __name__ == "__main__":
+    main()
