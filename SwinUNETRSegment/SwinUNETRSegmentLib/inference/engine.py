@@ -403,7 +403,10 @@ class Segmenter:
                 stats.update(converted_in_run=True, windows_torch=torch_windows,
                              windows_per_call_torch=stats["windows_per_call"], windows_per_call=1)
         if logits is None:
-            logits = self._run_windows(prepared, 1, total, tracker, check_cancel, stats, ov_net)
+            try:
+                logits = self._run_windows(prepared, 1, total, tracker, check_cancel, stats, ov_net)
+            finally:
+                ov_net.release_memory()  # its activations, before the resampling and between runs
         timings["inference"] = time.perf_counter() - t
 
         check_cancel()

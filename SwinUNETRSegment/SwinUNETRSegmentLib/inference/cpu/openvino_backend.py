@@ -299,6 +299,17 @@ class OpenVINONetwork:
         self._lock = threading.Lock()
         self.check_cancel: Callable[[], None] = lambda: None
 
+    def release_memory(self) -> None:
+        """Hand back the activation buffers OpenVINO keeps between windows (``CompiledModel.
+        release_memory``; the next window allocates them again, in no measurable time): 650 MB
+        at feature size 48 in float32 on 96^3 windows, resident beside the run's resampling and
+        a warm engine's idle time otherwise."""
+        with self._lock:
+            try:
+                self.compiled.release_memory()
+            except (AttributeError, RuntimeError):  # an OpenVINO without it, or a plugin that cannot
+                pass
+
     def __call__(self, batch):
         import torch
 
