@@ -189,15 +189,22 @@ def test_a_conversion_leaves_nothing_resident_in_the_engine(home):
     assert {p.name for p in (home / "openvino").iterdir()} <= {entry.name, "compiled"}  # no temporary folder left
 
 
-def test_a_failed_conversion_says_why_in_one_line_and_the_run_goes_on_on_pytorch(tmp_path, monkeypatch, one_window,
-                                                                                caplog):
-    """The child's reason reaches the engine's log as one line; the run is not held up."""
+@pytest.fixture()
+def failing_converter(tmp_path, monkeypatch):
+    """An empty catalog folder and a conversion process that fails the way OpenVINO's
+    frontend does: a traceback, then the reason, exit 1."""
     monkeypatch.setenv("SWINUNETR_SEGMENT_HOME", str(tmp_path))
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
                     "echo 'OpConversionFailure: aten::frobnicate has no OpenVINO conversion' >&2\nexit 1\n")
     fake.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake))
+    return tmp_path
+
+
+def test_a_failed_conversion_says_why_in_one_line_and_the_run_goes_on_on_pytorch(failing_converter, one_window,
+                                                                                caplog):
+    """The child's reason reaches the engine's log as one line; the run is not held up."""
     seg = _segmenter(backend="openvino")
     with caplog.at_level("WARNING"):
         result = seg.segment(one_window)
@@ -205,17 +212,13 @@ def test_a_failed_conversion_says_why_in_one_line_and_the_run_goes_on_on_pytorch
     assert seg.openvino.failed == "OpConversionFailure: aten::frobnicate has no OpenVINO conversion"
     warned = [r.getMessage() for r in caplog.records if "cannot convert" in r.getMessage()]
     assert warned and "frobnicate" in warned[0] and "\n" not in warned[0]
-    assert not (tmp_path / "openvino").exists() or not any((tmp_path / "openvino").iterdir())
+    cache = failing_converter / "openvino"
+    assert not cache.exists() or not any(cache.iterdir())
 
 
 @pytest.mark.slow
-def test_a_first_run_whose_conversion_fails_goes_on_on_pytorch(tmp_path, monkeypatch, part_ct):
+def test_a_first_run_whose_conversion_fails_goes_on_on_pytorch(failing_converter, monkeypatch, part_ct):
     """A first run whose conversion pays but fails: PyTorch after all, every window counted once."""
-    monkeypatch.setenv("SWINUNETR_SEGMENT_HOME", str(tmp_path))
-    fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\necho 'OpConversionFailure: aten::frobnicate has no OpenVINO conversion' >&2\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(sys, "executable", str(fake))
     monkeypatch.setattr(openvino_backend, "CONVERT_MARGIN", 0.0)
     messages = []
     auto = _segmenter().segment(part_ct, progress=lambda p: messages.append(p))
@@ -312,7 +315,7 @@ def test_a_short_auto_run_stays_on_pytorch_and_is_never_held_up(not_yet_converte
 def test_float32_windows_that_may_convert_run_one_per_call(not_yet_converted, one_window, part_ct, monkeypatch):
     """Memory of a first run on a CPU without native bfloat16: its float32 PyTorch windows
     before a conversion go one per call (two cost 4.6 GB instead of 2.7 at feature size 48),
-    and the C heap is handed back around the conversion; a bfloat16 CPU keeps two per call."""
+    and the C heap is handed back before the conversion; a bfloat16 CPU keeps two per call."""
     from SwinUNETRSegmentLib.inference import devices, memory
 
     trims = []
@@ -328,7 +331,7 @@ def test_float32_windows_that_may_convert_run_one_per_call(not_yet_converted, on
     result = run(part_ct)
     assert result.stats["windows_per_call_torch"] == 1 and result.stats["precision"] == "float32"
     assert result.stats["converted_in_run"]
-    assert trims, "the C heap was not handed back around the conversion"
+    assert trims, "the C heap was not handed back before the conversion"
     assert run(backend="torch").stats["windows_per_call"] == 2  # no conversion to come
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
     not_yet_converted["converted"] = False

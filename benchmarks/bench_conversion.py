@@ -61,8 +61,7 @@ def worker(args) -> None:
         if args.worker == "child":
             conversion.convert(spare_core=False)
         else:
-            with torch.no_grad():
-                openvino_backend.convert_checkpoint(card, checkpoint, key)
+            openvino_backend.convert_checkpoint(card, checkpoint, key)
     out["convert_s"] = time.perf_counter() - t
     out["tree_peak_mb"] = tree.peak_mb
     out["after_convert_mb"] = _rss_mb()

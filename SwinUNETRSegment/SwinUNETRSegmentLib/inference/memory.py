@@ -29,11 +29,8 @@ import logging
 import os
 import platform
 
-__all__ = ["DEFAULT_THRESHOLD", "JEMALLOC_CONF",
-           "RAISED_BY_US", "allocator_env", "configure_allocator", "jemalloc_library",
-           "release_free_memory",
-           "openvino_installed",
-           "reexec_with_allocator"]
+__all__ = ["DEFAULT_THRESHOLD", "JEMALLOC_CONF", "RAISED_BY_US", "allocator_env", "configure_allocator",
+           "jemalloc_library", "openvino_installed", "reexec_with_allocator", "release_free_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +162,8 @@ def release_free_memory() -> bool:
     """Give the C heap's free memory back to the system now (glibc's ``malloc_trim(0)``);
     returns whether it could. With the thresholds raised (:func:`allocator_env`) glibc keeps
     what PyTorch frees for reuse, which is the point while PyTorch runs windows; once a run
-    has switched to OpenVINO (``engine._convert_when_it_pays``) those buffers are not reused
-    in the same sizes, and without this they stay resident beside OpenVINO's. No library
+    leaves PyTorch for a conversion (``Segmenter._convert_in_run``) those buffers are not
+    reused in the same sizes, and without this they stay resident beside OpenVINO's. No library
     exposes malloc_trim, hence ctypes."""
     libc = _glibc()
     if libc is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 
 
 def main(argv=None) -> int:
@@ -32,9 +31,7 @@ def main(argv=None) -> int:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         card = card_from_dict(json.loads(sys.stdin.read()), source="<the engine's card>")
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            openvino_backend.convert_checkpoint(card, args.checkpoint, args.key)
+        openvino_backend.convert_checkpoint(card, args.checkpoint, args.key)  # traces under no_grad, quietly
     except Exception as exc:  # OpenVINO's frontends raise many types: one line for the engine's log
         sys.stderr.write(f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}\n")
         return 1
