@@ -343,6 +343,23 @@ def test_bfloat16_labels_within_tolerance_of_float32(tiny_checkpoint):
     assert bf16.stats["weights"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
 
 
+def test_half_stitching_keeps_the_labels_and_leaves_the_exact_path_alone(tiny_checkpoint):
+    """The real network (seeded random weights: the hard case, margins between classes are
+    small) stitched in float16, which halves the run's largest array: at most 0.1 % of the
+    labels change against a float32 buffer; precision float32 (the reference's answer)
+    stitches in float32."""
+    card = tiny_card(spacing=(4.0, 4.0, 4.0))
+    vol, _, _ = body_volume(("3mm", (3.0, 3.0, 3.0), np.eye(3), (0.0, 0.0, 0.0)), fov_mm=120.0)
+    fast = FastPath(backend="torch", bf16_weights=False)
+    half = Segmenter(card, tiny_checkpoint, device="cpu", fast=fast.but(precision="float32")).segment(vol)
+    assert half.stats["stitching"] == "float32"  # the exact path
+    f32 = Segmenter(card, tiny_checkpoint, device="cpu", fast=fast.but(half_stitching=False)).segment(vol)
+    half = Segmenter(card, tiny_checkpoint, device="cpu", fast=fast).segment(vol)
+    assert half.stats["stitching"] == "float16" and f32.stats["stitching"] == "float32"
+    assert half.labels.shape == vol.shape and np.array_equal(half.labels.ijk_to_ras, vol.ijk_to_ras)
+    assert (f32.labels.array == half.labels.array).mean() >= 0.999
+
+
 @pytest.mark.slow
 def test_bfloat16_weights_and_autocast_agree_and_a_callers_network_is_left_alone(tiny_checkpoint):
     """With bfloat16 the SwinUNETR runs with bfloat16 weights (no autocast) on CPUs that

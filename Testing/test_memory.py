@@ -61,6 +61,8 @@ def test_a_process_that_may_run_openvino_keeps_glibc_with_its_thresholds_raised(
     env = memory.allocator_env({}, openvino=True)
     assert "LD_PRELOAD" not in env
     assert env["MALLOC_MMAP_THRESHOLD_"] == env["MALLOC_TRIM_THRESHOLD_"] == str(memory.DEFAULT_THRESHOLD)
+    # a run on a cached conversion from its first window has no PyTorch window to speed up
+    assert memory.allocator_env({}, openvino=True, converted=True) == {}
     mine = memory.allocator_env({"MALLOC_TRIM_THRESHOLD_": "4096"}, openvino=True)
     assert mine["MALLOC_TRIM_THRESHOLD_"] == "4096" and "MALLOC_MMAP_THRESHOLD_" not in mine
     assert "MALLOC_MMAP_THRESHOLD_" not in memory.allocator_env({"SWINUNETR_SEGMENT_ALLOCATOR": "system"},

@@ -6,6 +6,7 @@ command line never aborts beside the preloaded allocator."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -39,9 +40,18 @@ def home(tmp_path_factory):
         card, weights = catalog.resolve_model("demo")
         seg = Segmenter(card, weights, device="cpu")
         assert seg.openvino.key  # the checkpoint's SHA256, read before the measurement
+        # what a killed conversion leaves behind (two hours ago), and one under way (now)
+        stale, live = folder / "openvino" / ".0123abcd-killed", folder / "openvino" / ".4567cdef-running"
+        for leftover in (stale, live):
+            leftover.mkdir(parents=True)
+            (leftover / "model.bin").write_bytes(b"\0" * 1024)
+        old = stale.stat().st_mtime - 2 * 3600
+        os.utime(stale, (old, old))
         before = _rss_mb()
         assert seg.convert_openvino() is not None
         CONVERSION["engine_grew_mb"] = _rss_mb() - before
+        CONVERSION["leftovers"] = {"stale": stale.exists(), "live": live.exists()}
+        shutil.rmtree(live)
         yield folder
 
 
@@ -423,7 +433,7 @@ def test_the_command_line_runs_on_openvino_beside_jemalloc(home, example_ct, tmp
     """The console script re-executes itself on jemalloc where it is installed; OpenVINO's
     CPU plugin aborts under it ("free(): invalid pointer"), so a run that will use
     OpenVINO keeps the system allocator, and a PyTorch run still gets jemalloc."""
-    from SwinUNETRSegmentLib.cli import runs_on_openvino
+    from SwinUNETRSegmentLib.cli import runs_on_a_conversion, runs_on_openvino
     from SwinUNETRSegmentLib.inference.memory import allocator_env, jemalloc_library
 
     ct = str(tmp_path / "ct.nii.gz")
@@ -443,10 +453,16 @@ def test_the_command_line_runs_on_openvino_beside_jemalloc(home, example_ct, tmp
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(devices, "cpu_flags_have_bf16", lambda: True)
         assert runs_on_openvino(["-i", ct, "-o", "x.seg.nrrd"])  # the module's conversion of demo
+        # on the conversion from the first window: no PyTorch window for raised glibc thresholds
+        assert runs_on_a_conversion(["-i", ct, "-o", "x.seg.nrrd"])
+        assert not runs_on_a_conversion(["-i", ct, "-o", "x.seg.nrrd", "--backend", "torch"])
+        assert not runs_on_a_conversion(["-i", ct, "-o", "x.seg.nrrd", "--precision", "float32"])
+        assert not runs_on_a_conversion(["serve"])
         mp.setenv("SWINUNETR_SEGMENT_HOME", str(tmp_path / "nothing-converted"))
         assert not runs_on_openvino(["-i", ct, "-o", "x.seg.nrrd"])
         mp.setattr(devices, "cpu_flags_have_bf16", lambda: False)
         assert runs_on_openvino(["-i", ct, "-o", "x.seg.nrrd"])
+        assert not runs_on_a_conversion(["-i", ct, "-o", "x.seg.nrrd"])  # PyTorch first: thresholds raised
     monkey = pytest.MonkeyPatch()
     monkey.setenv("ATEN_CPU_CAPABILITY", "avx2")  # PyTorch held to AVX2: no native bfloat16 for it
     try:
@@ -479,6 +495,32 @@ def test_conversion_sends_no_telemetry(home):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-1000:]
     assert run.stdout.strip() == "None"
+
+
+def test_a_conversion_clears_what_a_killed_one_left_and_not_one_under_way(home):
+    """A conversion killed midway (a timeout, a crash, the laptop switched off) leaves its
+    temporary folder, up to a whole IR; the next conversion removes it, but not the folder of
+    a conversion another process is running right now."""
+    assert CONVERSION["leftovers"] == {"stale": False, "live": True}
+
+
+def test_a_conversion_that_hangs_is_stopped_with_a_one_line_reason(monkeypatch, tmp_path):
+    """A conversion's process that never ends is killed at the time limit, and the engine
+    gets a reason to log and goes on on PyTorch, instead of a run that waits for ever."""
+    import time
+
+    hang = tmp_path / "python"
+    hang.write_text("#!/bin/sh\nexec sleep 60\n")
+    hang.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(hang))
+    monkeypatch.setattr(openvino_backend, "CONVERT_TIMEOUT_S", 1.0)
+    monkeypatch.setenv("SWINUNETR_SEGMENT_HOME", str(tmp_path))
+    card, weights = catalog.resolve_model("demo")
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match="^the conversion did not finish in 1 s and was stopped$"):
+        openvino_backend.convert_in_child(card, weights, "k" * 32, 1)
+    assert time.monotonic() - t < 15
+    assert not openvino_backend.is_converted("k" * 32)
 
 
 def test_the_conversion_process_runs_on_glibc_defaults_where_we_raised_them(monkeypatch, tmp_path):

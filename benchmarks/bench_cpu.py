@@ -59,6 +59,9 @@ VARIANTS = {
     "no-air": {"skip_air": False},
     "fp32": {"precision": "float32"},
     "labels": {"resample": "labels"},
+    # the logits stitched in float32 (the default stitches in float16 unless precision is float32)
+    "f32-stitch": {"half_stitching": False},
+    "torch-f32-stitch": {"backend": "torch", "half_stitching": False},
     "probabilities": {"resample": "probabilities"},
     "compiled": {"compile": True},
     "no-attn-cache": {"cached_attention": False},
@@ -283,7 +286,10 @@ def run_child(pipeline: str, input_path: Path, card: Path, checkpoint: Path, arg
         # as MONAI's users run it.
         from SwinUNETRSegmentLib.inference.memory import allocator_env
 
-        env = None if pipeline == "reference" else allocator_env(openvino=may_run_openvino(pipeline, args))
+        # "openvino" runs on a conversion from its first window, as the command line finds it
+        # (cli.runs_on_a_conversion): no raised glibc thresholds for PyTorch windows it has not
+        env = None if pipeline == "reference" else allocator_env(openvino=may_run_openvino(pipeline, args),
+                                                                 converted=pipeline == "openvino")
         if env is not None and pipeline not in ("openvino", "first-run"):
             # the engine's catalog folder of this bench run (shared by its repetitions, as a
             # user's runs share theirs): what a run converts for OpenVINO stays out of the user's

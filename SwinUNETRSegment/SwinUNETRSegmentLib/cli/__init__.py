@@ -18,7 +18,9 @@ def entry() -> int:
 
     from SwinUNETRSegmentLib.inference.memory import reexec_with_allocator
 
-    reexec_with_allocator(openvino=runs_on_openvino(sys.argv[1:]))
+    argv = sys.argv[1:]
+    openvino = runs_on_openvino(argv)
+    reexec_with_allocator(openvino=openvino, converted=openvino and runs_on_a_conversion(argv))
     return main()
 
 
@@ -42,8 +44,7 @@ def runs_on_openvino(argv: list[str]) -> bool:
     if argv[:1] and not argv[0].startswith("-"):
         return False  # another command (models, train, demo, ...)
     try:
-        from SwinUNETRSegmentLib.cli.segment import _model, build_parser
-        from SwinUNETRSegmentLib.inference.cpu.openvino_backend import Conversion, cache_root
+        from SwinUNETRSegmentLib.cli.segment import build_parser
         from SwinUNETRSegmentLib.inference.devices import cpu_flags_have_bf16
 
         args, _ = build_parser().parse_known_args(argv)
@@ -51,12 +52,39 @@ def runs_on_openvino(argv: list[str]) -> bool:
             return False
         if not cpu_flags_have_bf16():
             return True  # a long run converts once that pays (40 % saved without bfloat16)
-        if not any(cache_root().glob("*/model.xml")):
-            return False  # nothing converted on this machine: no need to hash the checkpoint
-        card, weights = _model(args)
-        return weights is not None and Conversion(card, weights).converted
+        return _cached_conversion(args)
     except BaseException:  # noqa: B036 - argparse exits, a bad card raises: the run itself will say so
         return False
+
+
+def runs_on_a_conversion(argv: list[str]) -> bool:
+    """Whether this segmentation will run on a cached OpenVINO conversion from its first
+    window (then no PyTorch window needs glibc's raised thresholds: memory.allocator_env).
+    ``serve`` and anything unclear: False."""
+    if argv[:1] and not argv[0].startswith("-"):
+        return False  # serve (its first job may run on PyTorch), models, train, ...
+    try:
+        from SwinUNETRSegmentLib.cli.segment import build_parser
+
+        args, _ = build_parser().parse_known_args(argv)
+        if args.device not in ("auto", "cpu") or args.precision == "float32" or getattr(args, "server", None):
+            return False
+        if args.backend == "torch":
+            return False
+        return _cached_conversion(args)
+    except BaseException:  # noqa: B036 - argparse exits, a bad card raises: the run itself will say so
+        return False
+
+
+def _cached_conversion(args) -> bool:
+    """The parsed command line's model has an OpenVINO conversion in the cache."""
+    from SwinUNETRSegmentLib.cli.segment import _model
+    from SwinUNETRSegmentLib.inference.cpu.openvino_backend import Conversion, cache_root
+
+    if not any(cache_root().glob("*/model.xml")):
+        return False  # nothing converted on this machine: no need to hash the checkpoint
+    card, weights = _model(args)
+    return weights is not None and Conversion(card, weights).converted
 
 
 def _values(argv: list[str], flag: str) -> list[str]:

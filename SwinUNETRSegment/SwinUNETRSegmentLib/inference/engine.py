@@ -435,9 +435,9 @@ class Segmenter:
     def _run_windows(
         self, prepared: Prepared, batch: int, total: int, tracker: ProgressTracker, check_cancel, stats: dict, ov_net
     ):
-        """The stitched ``(1, C, X, Y, Z)`` float32 logits over the prepared image, with the
-        out-of-memory ladder (:func:`~.devices.inference_plans`); on ``ov_net`` (a compiled
-        OpenVINO network) when given, else on the PyTorch network."""
+        """The stitched ``(1, C, X, Y, Z)`` logits (float32; float16 with ``half_stitching``)
+        over the prepared image, with the out-of-memory ladder (:func:`~.devices.inference_plans`);
+        on ``ov_net`` (a compiled OpenVINO network) when given, else on the PyTorch network."""
         import torch
         from monai.inferers import SlidingWindowInfererAdapt
 
@@ -466,6 +466,8 @@ class Segmenter:
             # the GPU is full; otherwise the plan's device holds the stitching buffer.
             stitch = None if plan.stitch_device == "auto" else torch.device(plan.stitch_device)
             x = prepared.image[None].to(self.device if stitch is None or stitch.type == self.device.type else stitch)
+            # MONAI stitches in the input's dtype: a float16 image gives a float16 buffer
+            x = x.to(stitch_dtype)
             inferer = SlidingWindowInfererAdapt(
                 roi_size=roi,
                 sw_batch_size=plan.sw_batch_size,
@@ -489,6 +491,9 @@ class Segmenter:
                 stats["pointwise_matmul"] = matmul_modules
                 return inferer(x, predictor)
 
+        half = fast.half_stitching and self.device.type == "cpu" and fast.precision != "float32"
+        stitch_dtype = torch.float16 if half else torch.float32
+        stats["stitching"] = "float16" if half else "float32"
         plans = inference_plans(self.device, batch, fast.gpu_stitching)
         empty = torch.cuda.empty_cache if self.device.type == "cuda" else (lambda: None)
         return run_with_fallback(plans, attempt, empty_cache=empty)

@@ -69,7 +69,7 @@ def openvino_installed() -> bool:
         return False
 
 
-def allocator_env(env: dict | None = None, openvino: bool = False) -> dict:
+def allocator_env(env: dict | None = None, openvino: bool = False, converted: bool = False) -> dict:
     """``env`` (default: this process's) with what an engine process needs to start on
     jemalloc, when it is installed and the user did not ask for the system allocator.
 
@@ -82,7 +82,11 @@ def allocator_env(env: dict | None = None, openvino: bool = False) -> dict:
     the user set them): measured with PyTorch held to AVX2 that won back what jemalloc gives
     (10-17 % on the built-in model) for less peak memory than jemalloc's; on OpenVINO's own
     windows (a bfloat16 CPU) it changed nothing but 42 % more peak memory (benchmarks/README.md,
-    session 7)."""
+    session 7).
+
+    ``converted``: the process's runs are on a cached conversion from their first window (no
+    PyTorch windows to speed up): glibc's thresholds stay as they are, on any CPU (on an
+    AVX2-only CPU the raised ones added 200-300 MB to a feature-48 run's peak; session 10)."""
     env = dict(os.environ if env is None else env)
     if env.get("SWINUNETR_SEGMENT_ALLOCATOR", "").lower() == "system":
         return env
@@ -91,7 +95,7 @@ def allocator_env(env: dict | None = None, openvino: bool = False) -> dict:
 
         glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
         mine = env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_")
-        if glibc and not mine and not cpu_flags_have_bf16():
+        if glibc and not mine and not converted and not cpu_flags_have_bf16():
             env["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_TRIM_THRESHOLD_"] = str(DEFAULT_THRESHOLD)
             env[RAISED_BY_US] = "1"  # a conversion's child process goes back to glibc's defaults
         return env
@@ -104,13 +108,13 @@ def allocator_env(env: dict | None = None, openvino: bool = False) -> dict:
     return env
 
 
-def reexec_with_allocator(openvino: bool = False) -> None:
+def reexec_with_allocator(openvino: bool = False, converted: bool = False) -> None:
     """Replace this process by itself on jemalloc (once: the new process finds it loaded),
     when :func:`allocator_env` changes anything. For the command line's entry point only:
     it must run before anything else was done."""
     import sys
 
-    env = allocator_env(openvino=openvino)
+    env = allocator_env(openvino=openvino, converted=converted)
     changed = any(env.get(k) != os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_"))
     if changed and not os.environ.get("_SWINUNETR_SEGMENT_REEXEC"):
         env["_SWINUNETR_SEGMENT_REEXEC"] = "1"

@@ -73,6 +73,10 @@ _WAIT_MS = 100  # how often a running window looks at the cancel flag
 #: EPYC: 4.5 s against 10.7 s eager). A run that would not win by the margin stays on
 #: PyTorch and is never held up.
 CONVERT_MARGIN = 1.5
+#: a conversion's process still running after this long is stopped (and the run goes on on
+#: PyTorch): feature size 48 converts in 20-40 s on a 2-core laptop-class CPU, so an hour means
+#: it hangs, and a run waiting for it, or the next conversion of the same checkpoint, must not
+CONVERT_TIMEOUT_S = 3600.0
 GAIN_BFLOAT16 = 0.18
 GAIN_FLOAT32 = 0.40
 
@@ -180,6 +184,7 @@ def convert(network, roi_size: Sequence[int], key: str, in_channels: int = 1) ->
     final.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros((1, in_channels) + tuple(int(r) for r in roi_size))
     t = time.perf_counter()
+    _remove_leftovers(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -203,6 +208,20 @@ def convert(network, roi_size: Sequence[int], key: str, in_channels: int = 1) ->
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted the network for OpenVINO in %.1f s (%s)", time.perf_counter() - t, final)
     return final / "model.xml"
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Remove the temporary folders of conversions that were killed (a timeout, a crash, the
+    machine switched off) before they could clean up: hidden ``.KEY-*`` folders untouched
+    for longer than a conversion may take, so that one still under way is left alone. Each
+    holds up to a whole IR (250 MB at feature size 48)."""
+    now = time.time()
+    for entry in root.glob(".*-*"):
+        try:
+            if entry.is_dir() and now - entry.stat().st_mtime > CONVERT_TIMEOUT_S:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:  # removed meanwhile by another process
+            pass
 
 
 def convert_checkpoint(card, checkpoint: Path, key: str) -> Path:
@@ -247,7 +266,12 @@ def convert_in_child(card, checkpoint: Path, key: str, threads: int) -> Path:
     cmd = [sys.executable, "-m", "SwinUNETRSegmentLib.inference.cpu.openvino_convert",
            "--checkpoint", str(checkpoint), "--key", key, "--threads", str(int(threads))]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, input=json.dumps(card.to_json()), capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, input=json.dumps(card.to_json()), capture_output=True, text=True, env=env,
+                              timeout=CONVERT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # run() has killed the child; convert() clears its folder later
+        limit = f"{CONVERT_TIMEOUT_S / 60:.0f} minutes" if CONVERT_TIMEOUT_S >= 60 else f"{CONVERT_TIMEOUT_S:.0f} s"
+        raise RuntimeError(f"the conversion did not finish in {limit} and was stopped") from None
     if proc.returncode != 0 or not is_converted(key):
         lines = [line.strip() for line in (proc.stderr or "").splitlines() if line.strip()]
         raise RuntimeError(lines[-1] if lines else f"the conversion process ended with exit code {proc.returncode}")
