@@ -491,7 +491,9 @@ class Segmenter:
                 stats["pointwise_matmul"] = matmul_modules
                 return inferer(x, predictor)
 
-        half = fast.half_stitching and self.device.type == "cpu" and fast.precision != "float32"
+        # not beside CPU autocast, which rejects float16 tensors ("Unexpected floating ScalarType")
+        under_autocast = on_torch and self._dtype == torch.float32 and autocast_dtype(self.device, fast.precision)
+        half = fast.half_stitching and self.device.type == "cpu" and fast.precision != "float32" and not under_autocast
         stitch_dtype = torch.float16 if half else torch.float32
         stats["stitching"] = "float16" if half else "float32"
         plans = inference_plans(self.device, batch, fast.gpu_stitching)
