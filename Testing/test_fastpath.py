@@ -350,7 +350,7 @@ def test_half_stitching_keeps_the_labels_and_leaves_the_exact_path_alone(tiny_ch
     stitches in float32."""
     card = tiny_card(spacing=(4.0, 4.0, 4.0))
     vol, _, _ = body_volume(("3mm", (3.0, 3.0, 3.0), np.eye(3), (0.0, 0.0, 0.0)), fov_mm=120.0)
-    fast = FastPath(backend="torch", bf16_weights=False)
+    fast = FastPath(backend="torch")  # bfloat16 weights where native: no autocast, which keeps float32
     half = Segmenter(card, tiny_checkpoint, device="cpu", fast=fast.but(precision="float32")).segment(vol)
     assert half.stats["stitching"] == "float32"  # the exact path
     f32 = Segmenter(card, tiny_checkpoint, device="cpu", fast=fast.but(half_stitching=False)).segment(vol)
