@@ -19,8 +19,9 @@ def entry() -> int:
     from SwinUNETRSegmentLib.inference.memory import reexec_with_allocator
 
     argv = sys.argv[1:]
-    openvino = runs_on_openvino(argv)
-    reexec_with_allocator(openvino=openvino, converted=openvino and runs_on_a_conversion(argv))
+    # a run on a conversion runs on OpenVINO: the checkpoint is hashed once, not twice
+    converted = runs_on_a_conversion(argv)
+    reexec_with_allocator(openvino=converted or runs_on_openvino(argv), converted=converted)
     return main()
 
 
