@@ -77,3 +77,22 @@ def test_a_process_that_may_run_openvino_keeps_glibc_with_its_thresholds_raised(
     out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", str(memory.DEFAULT_THRESHOLD)]
+
+
+def test_the_process_the_command_line_re_executed_does_not_choose_its_allocator_again(monkeypatch):
+    """The re-executed process (the allocator chosen, the marker set) goes straight to the
+    command: it does not parse the command line or hash the checkpoint a second time."""
+    import SwinUNETRSegmentLib.cli as cli
+
+    def must_not_run(argv):
+        raise AssertionError("the allocator was chosen again in the re-executed process")
+
+    monkeypatch.setattr(cli, "runs_on_a_conversion", must_not_run)
+    monkeypatch.setattr(cli, "runs_on_openvino", must_not_run)
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    monkeypatch.setattr(memory, "reexec_with_allocator", must_not_run)
+    monkeypatch.setenv(memory.REEXEC_MARK, "1")
+    assert cli.entry() == 0
+    monkeypatch.delenv(memory.REEXEC_MARK)
+    with pytest.raises(AssertionError, match="chosen again"):
+        cli.entry()  # a fresh process does choose (the guard is the marker, not a constant)

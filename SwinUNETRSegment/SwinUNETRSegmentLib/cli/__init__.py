@@ -14,14 +14,16 @@ __all__ = ["entry", "main"]
 def entry() -> int:
     """The ``swinunetr-segment`` executable: :func:`main` in an engine process with the
     allocator :mod:`~SwinUNETRSegmentLib.inference.memory` picks (jemalloc where installed)."""
+    import os
     import sys
 
-    from SwinUNETRSegmentLib.inference.memory import reexec_with_allocator
+    from SwinUNETRSegmentLib.inference.memory import REEXEC_MARK, reexec_with_allocator
 
-    argv = sys.argv[1:]
-    # a run on a conversion runs on OpenVINO: the checkpoint is hashed once, not twice
-    converted = runs_on_a_conversion(argv)
-    reexec_with_allocator(openvino=converted or runs_on_openvino(argv), converted=converted)
+    if not os.environ.get(REEXEC_MARK):  # the process its allocator was chosen for: no second look
+        argv = sys.argv[1:]
+        # a run on a conversion runs on OpenVINO: the checkpoint is hashed once, not twice
+        converted = runs_on_a_conversion(argv)
+        reexec_with_allocator(openvino=converted or runs_on_openvino(argv), converted=converted)
     return main()
 
 

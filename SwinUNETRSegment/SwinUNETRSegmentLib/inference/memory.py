@@ -29,13 +29,15 @@ import logging
 import os
 import platform
 
-__all__ = ["DEFAULT_THRESHOLD", "JEMALLOC_CONF", "RAISED_BY_US", "allocator_env", "configure_allocator",
+__all__ = ["DEFAULT_THRESHOLD", "JEMALLOC_CONF", "RAISED_BY_US", "REEXEC_MARK", "allocator_env", "configure_allocator",
            "jemalloc_library", "openvino_installed", "reexec_with_allocator", "release_free_memory"]
 
 log = logging.getLogger(__name__)
 
 #: set beside glibc's thresholds where :func:`allocator_env` raised them (not the user)
 RAISED_BY_US = "_SWINUNETR_SEGMENT_RAISED_THRESHOLDS"
+#: set in the environment of the process :func:`reexec_with_allocator` replaced this one with
+REEXEC_MARK = "_SWINUNETR_SEGMENT_REEXEC"
 
 #: glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -116,8 +118,8 @@ def reexec_with_allocator(openvino: bool = False, converted: bool = False) -> No
 
     env = allocator_env(openvino=openvino, converted=converted)
     changed = any(env.get(k) != os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_"))
-    if changed and not os.environ.get("_SWINUNETR_SEGMENT_REEXEC"):
-        env["_SWINUNETR_SEGMENT_REEXEC"] = "1"
+    if changed and not os.environ.get(REEXEC_MARK):
+        env[REEXEC_MARK] = "1"
         argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
         try:
             os.execve(sys.executable, [sys.executable, *argv[1:]], env)
