@@ -96,3 +96,49 @@ def test_the_process_the_command_line_re_executed_does_not_choose_its_allocator_
     monkeypatch.delenv(memory.REEXEC_MARK)
     with pytest.raises(AssertionError, match="chosen again"):
         cli.entry()  # a fresh process does choose (the guard is the marker, not a constant)
+
+
+def _resident_kb(path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="madvise and /proc/self/smaps are Linux's")
+def test_file_pages_read_through_are_handed_back_and_read_again_unchanged(tmp_path):
+    """What OpenVINO does with a converted network's file: maps it shared and read-only and
+    reads it through. Its pages leave the process's resident memory and come back, the same
+    bytes, when read again; a writable or private mapping, and a file elsewhere, are left alone."""
+    import mmap
+
+    import numpy as np
+
+    cache, elsewhere = tmp_path / "openvino", tmp_path / "other"
+    cache.mkdir()
+    elsewhere.mkdir()
+    data = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
+    blob, other = cache / "model.blob", elsewhere / "model.blob"
+    for p in (blob, other):
+        p.write_bytes(data)
+    with open(blob, "rb") as f, open(other, "rb") as g, open(blob, "r+b") as h:
+        shared = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)  # r--s: OpenVINO's way
+        private = mmap.mmap(h.fileno(), 0, flags=mmap.MAP_PRIVATE)  # rw-p: may hold pages of its own
+        outside = mmap.mmap(g.fileno(), 0, prot=mmap.PROT_READ)
+        private[:4] = b"mine"
+        for m in (shared, private, outside):
+            assert m[:] is not None  # read through: every page resident
+        before = _resident_kb(blob)
+        assert before >= 2 * (8 << 10) - 64 and _resident_kb(other) >= (8 << 10) - 64
+        assert memory.release_mapped_files(cache) == len(data)  # only the shared read-only mapping
+        assert _resident_kb(blob) <= before - (8 << 10) + 64  # its 8 MB left; the private copy stayed
+        assert _resident_kb(other) >= (8 << 10) - 64  # a file outside the folder: untouched
+        assert shared[:] == data and private[:4] == b"mine" and private[4:] == data[4:]
+        for m in (shared, private, outside):
+            m.close()

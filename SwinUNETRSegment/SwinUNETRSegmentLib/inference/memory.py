@@ -30,7 +30,8 @@ import os
 import platform
 
 __all__ = ["DEFAULT_THRESHOLD", "JEMALLOC_CONF", "RAISED_BY_US", "REEXEC_MARK", "allocator_env", "configure_allocator",
-           "jemalloc_library", "openvino_installed", "reexec_with_allocator", "release_free_memory"]
+           "jemalloc_library", "openvino_installed", "reexec_with_allocator", "release_free_memory",
+           "release_mapped_files"]
 
 log = logging.getLogger(__name__)
 
@@ -179,3 +180,44 @@ def release_free_memory() -> bool:
     except AttributeError:
         return False
     return True
+
+
+_MADV_DONTNEED = 4  # Linux's madvise advice (asm-generic/mman-common.h)
+
+
+def release_mapped_files(folder) -> int:
+    """Drop from this process's resident memory the pages of the read-only shared mappings of
+    files under ``folder``; returns the bytes of the mappings advised (0 where there is
+    nothing to do, or not on Linux).
+
+    OpenVINO maps a converted network's file (the IR's weights, or its compiled blob) whole and
+    reads it through while compiling; afterwards the compiled model uses a third of those pages
+    (it runs on its own repacked copy of most weights), but the ones compiling touched stay
+    counted in the process's resident memory (benchmarks/README.md, session 11). ``madvise``
+    with ``MADV_DONTNEED`` unmaps them from this process: a page the network reads again is
+    mapped back from the file (the page cache, then the disk). Only shared read-only mappings
+    (``r--s`` in /proc/self/maps) are touched: their pages can never hold data of their own, so
+    nothing can be lost (a private mapping may hold copied-on-write pages). No library exposes
+    madvise on another library's mappings, hence ctypes."""
+    if platform.system() != "Linux":
+        return 0
+    libc = _glibc()
+    if libc is None:
+        return 0
+    root = os.path.realpath(os.fspath(folder)).rstrip(os.sep) + os.sep
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    advised = 0
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[1] != "r--s" or not fields[5].startswith(root):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if madvise(start, end - start, _MADV_DONTNEED) == 0:
+            advised += end - start
+    return advised

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from SwinUNETRSegmentLib.errors import CancelledError, UserError
-from SwinUNETRSegmentLib.inference.memory import RAISED_BY_US
+from SwinUNETRSegmentLib.inference.memory import RAISED_BY_US, release_mapped_files
 
 __all__ = [
     "available",
@@ -319,6 +319,8 @@ class OpenVINONetwork:
         t = time.perf_counter()
         self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
         self.compile_seconds = time.perf_counter() - t
+        self._cache_folder = self.path.parent.parent  # the IR's and the compiled blobs' folder
+        release_mapped_files(self._cache_folder)  # compiling read the whole file; windows need a third
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
         self.check_cancel: Callable[[], None] = lambda: None
@@ -333,6 +335,7 @@ class OpenVINONetwork:
                 self.compiled.release_memory()
             except (AttributeError, RuntimeError):  # an OpenVINO without it, or a plugin that cannot
                 pass
+            release_mapped_files(self._cache_folder)  # and the file pages the windows read again
 
     def __call__(self, batch):
         import torch
