@@ -325,7 +325,8 @@ def test_a_short_auto_run_stays_on_pytorch_and_is_never_held_up(not_yet_converte
 def test_float32_windows_that_may_convert_run_one_per_call(not_yet_converted, one_window, part_ct, monkeypatch):
     """Memory of a first run on a CPU without native bfloat16: its float32 PyTorch windows
     before a conversion go one per call (two cost 4.6 GB instead of 2.7 at feature size 48),
-    and the C heap is handed back before the conversion; a bfloat16 CPU keeps two per call."""
+    as every CPU run's do unless asked for more, and the C heap is handed back before the
+    conversion."""
     from SwinUNETRSegmentLib.inference import devices, memory
 
     trims = []
@@ -342,10 +343,10 @@ def test_float32_windows_that_may_convert_run_one_per_call(not_yet_converted, on
     assert result.stats["windows_per_call_torch"] == 1 and result.stats["precision"] == "float32"
     assert result.stats["converted_in_run"]
     assert trims, "the C heap was not handed back before the conversion"
-    assert run(backend="torch").stats["windows_per_call"] == 2  # no conversion to come
+    assert run(backend="torch", cpu_batch=2).stats["windows_per_call"] == 2  # what the caller asks
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
     not_yet_converted["converted"] = False
-    assert run().stats["windows_per_call"] == 2
+    assert run().stats["windows_per_call"] == 1
 
 
 def test_cancel_during_an_in_run_conversion_stops_at_once(not_yet_converted, part_ct, monkeypatch):

@@ -76,6 +76,8 @@ VARIANTS = {
     # folder), in a process on the system allocator as the engine service runs; a long run
     # converts in the run once that pays (inference/cpu/openvino_backend.ConvertWhenItPays)
     "first-run": {"backend": "auto"},
+    # one window per PyTorch network call instead of the SwinUNETR's two (FastPath.cpu_batch)
+    "torch-one-per-call": {"backend": "torch", "cpu_batch": 1},
     # fewer FLOPs per voxel: larger windows (SwinUNETR runs on any size divisible by 32),
     # smaller overlap, the crop to the body ("roi" and "overlap" go to the Segmenter)
     "roi96": {"roi": 96},

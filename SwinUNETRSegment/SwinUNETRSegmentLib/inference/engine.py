@@ -243,13 +243,6 @@ class Segmenter:
             return None
         return self.convert_openvino()
 
-    def _float32_run_may_convert(self) -> bool:
-        """A PyTorch run in float32 on a CPU without native bfloat16 that may convert for
-        OpenVINO during the run ("auto", not converted yet)."""
-        from SwinUNETRSegmentLib.inference.devices import cpu_has_native_bf16
-
-        return self.openvino.may_convert_in_run(self.device, self.fast) and not cpu_has_native_bf16()
-
     def _conversion_estimate(self) -> tuple[float, float]:
         """(the conversion's estimated seconds, the share of PyTorch's time OpenVINO saves here)."""
         from SwinUNETRSegmentLib.inference.devices import cpu_has_native_bf16
@@ -362,13 +355,10 @@ class Segmenter:
         total = count_windows(prepared.image.shape[1:], roi, self.overlap)
         ac_dtype = autocast_dtype(self.device, fast.precision)
         # On the CPU the card's window batch (a GPU setting) gives way to the fast path's
-        # (cpu_windows_per_call); a batch's windows then share one network call, and cancel
-        # is checked inside the network (cancel_checks) so it still acts within one window.
-        # One per call on OpenVINO (one window per request) and for float32 windows before an
-        # in-run conversion (2.7 GB of activations instead of 4.6 GB at feature size 48, for at
-        # most the 5-10 % two per call save in float32; benchmarks/README.md, session 8).
-        one = ov_net is not None or (fast.cpu_batch is None and self._float32_run_may_convert())
-        cpu_batch = 1 if one else cpu_windows_per_call(self._network, fast.cpu_batch, self.sw_batch_size)
+        # (cpu_windows_per_call: one unless the caller asks for more; then a batch's windows
+        # share one network call, and cancel is checked inside the network, cancel_checks, so
+        # it still acts within one window). One per call on OpenVINO (one window per request).
+        cpu_batch = 1 if ov_net is not None else cpu_windows_per_call(fast.cpu_batch)
         batch = cpu_batch if self.device.type == "cpu" else self.sw_batch_size
         stats: dict[str, Any] = dict(
             preprocess_cached=cached,

@@ -24,17 +24,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def cpu_windows_per_call(network, cpu_batch: Optional[int], card_batch: int = 2) -> int:
-    """Windows per network call on the CPU: ``cpu_batch``, or for None two for a MONAI
-    SwinUNETR (measured to pay; never more than the card's ``card_batch``) and one for any
-    other network."""
-    if cpu_batch is not None:
-        return int(cpu_batch)
-    try:
-        from monai.networks.nets import SwinUNETR
-    except ImportError:  # pragma: no cover - MONAI is a dependency
-        return 1
-    return max(1, min(2, int(card_batch))) if isinstance(network, SwinUNETR) else 1
+def cpu_windows_per_call(cpu_batch: Optional[int]) -> int:
+    """Windows per network call on the CPU: ``cpu_batch``, or one for None ("auto"). A second
+    window in the same call computes no faster on the CPU (a feature-48 SwinUNETR: the same
+    inference seconds on a chest CT's 48 windows) and holds a second window's activations beside
+    the first (676 MB more peak memory there; benchmarks/README.md, session 11)."""
+    return 1 if cpu_batch is None else int(cpu_batch)
 
 
 def is_swin(network) -> bool:

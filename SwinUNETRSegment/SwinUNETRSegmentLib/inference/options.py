@@ -41,10 +41,10 @@ reference pipeline by ``benchmarks/`` and recorded in ``benchmarks/README.md``, 
   boundaries; changes nothing beyond float rounding at exact ties), ``"probabilities"``
   (what the reference's bilinear ``Invertd`` + argmax computes, slab by slab) or
   ``"labels"`` (nearest neighbour; boundaries move by up to half a model voxel).
-* **cpu_batch**: windows per network call on the CPU. "auto" gives a SwinUNETR two (never
-  more than the card's sw_batch_size) and other networks one; a caller short of memory
-  may set 1. Cancel is checked inside the network between its blocks, so it still acts
-  within one window. Changes the answer by float rounding only.
+* **cpu_batch**: windows per network call on the CPU. "auto" gives one: a second window in
+  the same call computes no faster on the CPU and holds a second window's activations. A
+  caller may ask for more; cancel is then checked inside the network between its blocks, so
+  it still acts within one window. Changes the answer by float rounding only.
 * **gpu_stitching**: on CUDA the stitching buffer lives on the GPU (MONAI's
   ``SlidingWindowInfererAdapt`` moves it to the CPU when the GPU is full); then smaller
   window batches (a log line each).
@@ -142,8 +142,7 @@ class FastPath:
         resample: "boundaries" (the reference's linear probabilities, computed only at
             boundaries), "probabilities" (linear everywhere, as the reference) or "labels"
             (nearest).
-        cpu_batch: windows per network call on the CPU; None = "auto" (2 for a SwinUNETR,
-            at most the card's sw_batch_size; 1 for any other network).
+        cpu_batch: windows per network call on the CPU; None = "auto" (one).
         gpu_stitching: stitch windows on the GPU (CUDA only), with the fallbacks.
         half_stitching: on the CPU, stitch the logits in float16 unless ``precision`` is
             "float32".
