@@ -132,3 +132,24 @@ def test_engine_labels_unchanged_by_the_cached_attention(tiny_checkpoint):
     ).segment(vol)
     assert on.stats["attention_cached"] == 8 and off.stats["attention_cached"] == 0
     assert np.array_equal(on.labels.array, off.labels.array)
+
+
+def test_a_shifted_layer_keeps_its_mask_planes_not_monais_mask():
+    """Memory of a run: with attention by mask plane, each shifted Swin layer holds its mask's
+    few distinct ``(n, n)`` planes through the segmentation, not MONAI's ``(windows, n, n)``
+    float32 mask (161 MB at stage 1 of a 96^3 window, for every window of the run); MONAI's
+    whole mask is still there for MONAI's own attention (``full``), value for value."""
+    from monai.networks.nets.swin_unetr import compute_mask
+
+    from SwinUNETRSegmentLib.inference.cpu.window_attention import MaskPlanes
+
+    net = swinunetr()
+    with torch.inference_mode(), cached_window_attention(net, by_mask=True):
+        net(window(1, 96))
+        held = [v for m in net.modules() for v in getattr(m, "_swinunetr_segment_masks", {}).values()]
+        assert held and all(isinstance(v, MaskPlanes) for v in held)
+        stage1 = max(held, key=lambda planes: planes.shape[0])
+        assert stage1.shape == (343, 343, 343)  # 48^3 tokens padded to 49^3: 7^3 windows of 7^3
+        kept = sum(p.numel() * p.element_size() for _, p in stage1.groups)
+        assert len(stage1.groups) <= 8 and kept <= 8 * 343 * 343 * 4  # at most 3.8 MB, not 161
+        assert torch.equal(stage1.full(), compute_mask([49, 49, 49], (7, 7, 7), (3, 3, 3), torch.device("cpu")))

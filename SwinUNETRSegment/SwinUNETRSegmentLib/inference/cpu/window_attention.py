@@ -29,7 +29,10 @@ one call with the ``(windows * heads, n, n)`` sum. Each window's arithmetic is u
 (PyTorch's output is equal bit for bit); what goes is that sum: 354 MB in bfloat16 and 710 MB
 in float32 at feature size 48 on 96^3 windows, which OpenVINO's CPU plugin also folded into
 constants of the converted network (a 977-MB compiled blob for 277 MB of weights; 347 MB
-grouped). ``by_mask=False`` keeps the single call with the summed bias.
+grouped). The layer then keeps only those planes (:class:`MaskPlanes`), not MONAI's
+``(windows, n, n)`` float32 mask itself (161 MB at stage 1 of a 96^3 window), which it would
+otherwise hold through every window of the segmentation. ``by_mask=False`` keeps the single
+call with the summed bias.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ def _memoised_layer_forward(self, x):
     key = (dims, tuple(window_size), tuple(shift_size), str(x.device))
     masks = self._swinunetr_segment_masks
     if key not in masks:
-        masks[key] = swin_unetr.compute_mask(list(dims), window_size, shift_size, x.device)
+        mask = swin_unetr.compute_mask(list(dims), window_size, shift_size, x.device)
+        masks[key] = MaskPlanes(mask) if self._swinunetr_segment_by_mask else mask
+        del mask
     attn_mask = masks[key]
     for blk in self.blocks:
         x = blk(x, attn_mask)
@@ -71,6 +76,52 @@ def _memoised_layer_forward(self, x):
     if self.downsample is not None:
         x = self.downsample(x)
     return rearrange(x, "b d h w c -> b c d h w")
+
+
+class MaskPlanes:
+    """A shift mask as its distinct planes: what a memoised Swin layer hands its blocks, and
+    they their window attentions, in place of MONAI's ``(windows, n, n)`` mask when the
+    attention goes by mask plane.
+
+    Attributes:
+        shape: the mask's shape, ``(windows, n, n)``.
+        groups: ``[(windows, plane)]``: the indices (a long tensor) of the windows sharing
+            ``plane``, an ``(n, n)`` float32 tensor of MONAI's values (0 or -100).
+        order: the permutation that puts the groups' concatenated windows back in window order.
+    """
+
+    def __init__(self, mask):
+        import numpy as np
+        import torch
+
+        self.shape = tuple(mask.shape)
+        nw, n = self.shape[0], self.shape[1]
+        flat = mask.detach().float().cpu().numpy().reshape(nw, -1)  # a view of a float32 CPU mask
+        # grouped by the planes' bytes (np.unique(axis=0) sorts 40 M values per block: seconds)
+        members: dict[bytes, list[int]] = {}
+        for w, p in enumerate(flat):
+            members.setdefault(p.tobytes(), []).append(w)
+        self.groups = [
+            (torch.tensor(windows, device=mask.device),
+             torch.from_numpy(flat[windows[0]].reshape(n, n).copy()).to(mask.device))
+            for windows in members.values()
+        ]
+        order = np.argsort(np.concatenate(list(members.values())), kind="stable")
+        self.order = torch.from_numpy(order).to(mask.device)
+
+    def full(self):
+        """MONAI's ``(windows, n, n)`` mask again (for MONAI's own attention, which needs it)."""
+        import torch
+
+        first = self.groups[0][1]
+        out = torch.empty(self.shape, dtype=first.dtype, device=first.device)
+        for windows, plane in self.groups:
+            out[windows] = plane
+        return out
+
+
+def _full_mask(mask):
+    return mask.full() if isinstance(mask, MaskPlanes) else mask
 
 
 def _relative_bias(module, n: int):
@@ -113,33 +164,25 @@ def _groups_by_mask(module, mask, n: int, dtype):
     """The windows of a shift mask grouped by their mask plane: ``([(windows, bias)], order)``
     with ``windows`` the indices of one group, ``bias`` its ``(1, heads, n, n)`` relative
     position bias plus that plane (float32 sum as MONAI's, in ``dtype``), and ``order`` the
-    permutation that puts the groups' concatenated windows back in window order.
+    permutation that puts the groups' concatenated windows back in window order. ``mask``:
+    a :class:`MaskPlanes` (what a memoised layer hands over) or MONAI's mask tensor.
 
     The grouping reads the mask's values (numpy), so under ``torch.jit.trace`` the indices
     and planes are constants of the graph, not ops on it."""
-    import numpy as np
     import torch
 
     table = module.relative_position_bias_table
-    key = ("groups", n, dtype, table.device, table.data_ptr(), table._version,
-           tuple(mask.shape), mask.data_ptr(), mask.dtype)
+    # a MaskPlanes is its own key (held by it, so never another's); a tensor by its storage
+    which = mask if isinstance(mask, MaskPlanes) else (tuple(mask.shape), mask.data_ptr(), mask.dtype)
+    key = ("groups", n, dtype, table.device, table.data_ptr(), table._version, which)
     cache = module._swinunetr_segment_biases
     found = cache.get(key)
     if found is None:
-        planes = mask.detach().float().cpu().numpy().reshape(mask.shape[0], -1)
-        # grouped by the planes' bytes (np.unique(axis=0) sorts 40 M values per block: seconds)
-        members: dict[bytes, list[int]] = {}
-        for w, p in enumerate(planes):
-            members.setdefault(p.tobytes(), []).append(w)
+        planes = mask if isinstance(mask, MaskPlanes) else MaskPlanes(mask)
         rel = _relative_bias(module, n)
-        rel = rel.to(torch.promote_types(rel.dtype, mask.dtype))
-        groups = []
-        for windows in members.values():
-            plane = torch.from_numpy(planes[windows[0]].reshape(n, n)).to(device=mask.device, dtype=rel.dtype)
-            index = torch.tensor(windows, device=mask.device)
-            groups.append((index, (rel + plane)[None].to(dtype).contiguous()))
-        order = torch.from_numpy(np.argsort(np.concatenate(list(members.values())), kind="stable")).to(mask.device)
-        found = (groups, order)
+        rel = rel.to(torch.promote_types(rel.dtype, planes.groups[0][1].dtype))
+        groups = [(index, (rel + plane.to(rel.dtype))[None].to(dtype).contiguous()) for index, plane in planes.groups]
+        found = (groups, planes.order)
         if len(cache) >= _MAX_BIASES:
             cache.clear()
         cache[key] = found
@@ -170,7 +213,7 @@ def _cached_forward(self, x, mask):
     import torch
 
     if not self.use_flash_attention or torch.is_grad_enabled() or torch.jit.is_scripting():
-        return type(self).forward(self, x, mask)
+        return type(self).forward(self, x, _full_mask(mask))
     b, n, c = x.shape
     heads = self.num_heads
     d = c // heads
@@ -179,6 +222,7 @@ def _cached_forward(self, x, mask):
     if mask is not None and self._swinunetr_segment_by_mask:
         out = _attention_by_mask(self, q, k, v, mask).transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
+    mask = _full_mask(mask)
     bias = _combined_bias(self, mask, n, q.dtype)
     if mask is None:
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -232,6 +276,7 @@ def cached_window_attention(network, enabled: bool = True, by_mask: bool = True)
         m.forward = types.MethodType(_cached_forward, m)
     for layer in layers:
         layer._swinunetr_segment_masks = {}
+        layer._swinunetr_segment_by_mask = bool(by_mask)
         layer.forward = types.MethodType(_memoised_layer_forward, layer)
     try:
         yield len(modules)
@@ -243,3 +288,4 @@ def cached_window_attention(network, enabled: bool = True, by_mask: bool = True)
         for layer in layers:
             layer.__dict__.pop("forward", None)
             layer.__dict__.pop("_swinunetr_segment_masks", None)
+            layer.__dict__.pop("_swinunetr_segment_by_mask", None)
