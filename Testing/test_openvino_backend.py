@@ -524,10 +524,12 @@ def test_a_conversion_that_hangs_is_stopped_with_a_one_line_reason(monkeypatch, 
     assert not openvino_backend.is_converted("k" * 32)
 
 
-def test_the_conversion_process_runs_on_glibc_defaults_where_we_raised_them(monkeypatch, tmp_path):
+def test_the_conversion_process_hands_its_large_buffers_back_unless_the_user_set_thresholds(monkeypatch, tmp_path):
     """The raised thresholds keep freed buffers for PyTorch's next window; the conversion has
-    none, and under them its process peaked at 2.7 GB instead of 1.2 (feature size 48). The
-    user's own thresholds reach it unchanged."""
+    none, and under them its process peaked at 2.7 GB instead of 1.2 (feature size 48). glibc's
+    dynamic threshold kept 340 MB of its trace's activations: the child runs on a fixed mmap
+    threshold, where we raised them and where nobody set any. The user's own thresholds reach it
+    unchanged."""
     from SwinUNETRSegmentLib.inference import devices, memory
 
     monkeypatch.setattr(devices, "cpu_flags_have_bf16", lambda: False)
@@ -539,11 +541,15 @@ def test_the_conversion_process_runs_on_glibc_defaults_where_we_raised_them(monk
 
     monkeypatch.setattr(subprocess, "run", run)
     card, weights = catalog.resolve_model("demo")
-    for env in (memory.allocator_env({}, openvino=True), {"MALLOC_TRIM_THRESHOLD_": "4096"}):
+    raised = memory.allocator_env({}, openvino=True)
+    assert raised["MALLOC_TRIM_THRESHOLD_"] == str(memory.DEFAULT_THRESHOLD)
+    for env in (raised, {}, {"MALLOC_TRIM_THRESHOLD_": "4096"}):
         monkeypatch.setattr(os, "environ", dict(env, SWINUNETR_SEGMENT_HOME=str(tmp_path)))
         with pytest.raises(RuntimeError, match="stopped by the test"):
             openvino_backend.convert_in_child(card, weights, "k" * 32, 1)
-    ours, users = seen
-    assert "MALLOC_MMAP_THRESHOLD_" not in ours and "MALLOC_TRIM_THRESHOLD_" not in ours
-    assert users["MALLOC_TRIM_THRESHOLD_"] == "4096"
+    ours, unset, users = seen
+    for env in (ours, unset):
+        assert env["MALLOC_MMAP_THRESHOLD_"] == str(openvino_backend.CONVERSION_MMAP_THRESHOLD)
+        assert "MALLOC_TRIM_THRESHOLD_" not in env and memory.RAISED_BY_US not in env
+    assert users["MALLOC_TRIM_THRESHOLD_"] == "4096" and "MALLOC_MMAP_THRESHOLD_" not in users
     assert ours["SWINUNETR_SEGMENT_OPENVINO_CACHE"] == str(tmp_path / "openvino")

@@ -100,7 +100,7 @@ def allocator_env(env: dict | None = None, openvino: bool = False, converted: bo
         mine = env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_")
         if glibc and not mine and not converted and not cpu_flags_have_bf16():
             env["MALLOC_MMAP_THRESHOLD_"] = env["MALLOC_TRIM_THRESHOLD_"] = str(DEFAULT_THRESHOLD)
-            env[RAISED_BY_US] = "1"  # a conversion's child process goes back to glibc's defaults
+            env[RAISED_BY_US] = "1"  # a conversion's child process sets its own (openvino_backend)
         return env
     lib = jemalloc_library()
     if lib is None:

@@ -77,6 +77,8 @@ CONVERT_MARGIN = 1.5
 #: PyTorch): feature size 48 converts in 20-40 s on a 2-core laptop-class CPU, so an hour means
 #: it hangs, and a run waiting for it, or the next conversion of the same checkpoint, must not
 CONVERT_TIMEOUT_S = 3600.0
+#: bytes: glibc's mmap threshold in a conversion's process (:func:`convert_in_child`)
+CONVERSION_MMAP_THRESHOLD = 1 << 20
 GAIN_BFLOAT16 = 0.18
 GAIN_FLOAT32 = 0.40
 
@@ -258,11 +260,16 @@ def convert_in_child(card, checkpoint: Path, key: str, threads: int) -> Path:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(package_root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["SWINUNETR_SEGMENT_OPENVINO_CACHE"] = str(cache_root())
-    if env.pop(RAISED_BY_US, None):
-        # the thresholds keep freed buffers for PyTorch's next window (memory.allocator_env);
-        # a conversion has no next window, and with them its peak was 2.7 GB instead of 1.2
-        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    ours = env.pop(RAISED_BY_US, None)
+    if ours or not (env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_")):
+        # The raised thresholds keep freed buffers for PyTorch's next window (memory.allocator_env);
+        # a conversion has no next window, and with them its peak was 2.7 GB instead of 1.2. glibc's
+        # own dynamic threshold is no better for it: each large buffer freed raises the threshold
+        # (up to 32 MB), so the trace's later activations land on the heap, between the graph's
+        # small allocations, and stay resident. A fixed one returns them (feature size 48:
+        # 2,356 -> 2,014 MB peak, the same seconds; benchmarks/README.md, session 12).
         env.pop("MALLOC_TRIM_THRESHOLD_", None)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(CONVERSION_MMAP_THRESHOLD)
     cmd = [sys.executable, "-m", "SwinUNETRSegmentLib.inference.cpu.openvino_convert",
            "--checkpoint", str(checkpoint), "--key", key, "--threads", str(int(threads))]
     t = time.perf_counter()
