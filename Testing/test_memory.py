@@ -48,6 +48,38 @@ def test_glibc_thresholds_are_set_once_or_left_to_the_user(monkeypatch):
     assert memory.configure_allocator() is expected  # once per process, the same answer
 
 
+FREED = ("import sys; from SwinUNETRSegmentLib.inference import memory; lowered = memory.lower_raised_thresholds(); "
+         "rss = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')) // 1024; "
+         "before = rss(); b = bytearray(200 << 20); b[::4096] = b'x' * len(b[::4096]); del b; "
+         "print(lowered, rss() - before)")
+
+
+def _freed(**env) -> tuple[str, int]:
+    run_env = {k: v for k, v in os.environ.items()
+               if k not in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", memory.RAISED_BY_US)}
+    run_env.update(env)
+    out = subprocess.run([sys.executable, "-c", FREED], env=run_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lowered, kept_mb = out.stdout.split()
+    return lowered, int(kept_mb)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's tunables")
+def test_a_run_that_converted_midway_hands_freed_buffers_back_again():
+    """After a first run's conversion, OpenVINO's windows run on glibc's usual thresholds: a
+    freed 200 MB buffer leaves the process, where under the raised thresholds it stayed; the
+    user's own thresholds are never changed."""
+    raised = memory.allocator_env({}, openvino=True, converted=False)
+    if memory.RAISED_BY_US not in raised:  # a CPU with native bfloat16: raise them as a CPU without would
+        raised = {"MALLOC_MMAP_THRESHOLD_": str(memory.DEFAULT_THRESHOLD),
+                  "MALLOC_TRIM_THRESHOLD_": str(memory.DEFAULT_THRESHOLD), memory.RAISED_BY_US: "1"}
+    lowered, kept = _freed(**raised)
+    assert lowered == "True" and kept < 50
+    users = {k: v for k, v in raised.items() if k != memory.RAISED_BY_US}
+    lowered, kept = _freed(**users)
+    assert lowered == "False" and kept > 150  # what the raised thresholds do: kept for the next window
+
+
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's tunables")
 def test_a_process_that_may_run_openvino_keeps_glibc_with_its_thresholds_raised(monkeypatch):
     """OpenVINO aborts under jemalloc: its process stays on glibc; without native bfloat16

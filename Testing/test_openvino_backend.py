@@ -316,6 +316,61 @@ def test_the_in_run_conversion_pays_where_it_was_measured_to():
     assert not after_first_call(7.0, openvino_backend.GAIN_FLOAT32, windows=2)  # nothing left to win
 
 
+def test_a_probe_window_decides_before_the_first_window_and_errs_towards_pytorch(monkeypatch):
+    """The probe's estimate is its time scaled by a window's voxels: a 64^3 call of 2 s stands
+    for 6.75 s on 96^3; 60 such windows without bfloat16 pay for a feature-48 conversion before
+    the first window, 4 do not (the windows' own timing decides then), and a window no larger
+    than the probe's is not probed."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(openvino_backend.time, "perf_counter", lambda: clock["t"])
+
+    def network(x):  # 2 s of this test's clock per 64^3 of voxels
+        clock["t"] += 2.0 * x.numel() / 64**3
+        return x
+
+    cost = openvino_backend.conversion_seconds(62_000_000)
+    for windows, pays in ((60, True), (4, False)):
+        w = openvino_backend.ConvertWhenItPays(network, windows, cost, openvino_backend.GAIN_FLOAT32)
+        if pays:
+            with pytest.raises(openvino_backend.ConversionPays) as caught:
+                w.probe((96, 96, 96), 1, None, "cpu")
+            assert caught.value.torch_windows == 0
+        else:
+            w.probe((96, 96, 96), 1, None, "cpu")
+        assert w.probed == pytest.approx(6.75) and w.torch_windows == 0
+        w.probe((96, 96, 96), 1, None, "cpu")  # once per run
+        assert clock["t"] == pytest.approx(2.0)
+        clock["t"] = 0.0
+    small = openvino_backend.ConvertWhenItPays(network, 60, cost, openvino_backend.GAIN_FLOAT32)
+    small.probe((64, 64, 64), 1, None, "cpu")
+    assert small.probed is None and clock["t"] == 0.0
+
+
+def test_a_run_whose_probe_says_converting_pays_runs_no_window_on_pytorch_first(monkeypatch, part_ct):
+    """A 96^3 window (the btcv cards') is probed on 64^3 before the first window; where that
+    pays the run converts before any window ran on PyTorch (here the conversion "fails": the
+    run then goes on on PyTorch from its first window, labels on the input grid)."""
+    import dataclasses
+
+    from SwinUNETRSegmentLib.progress import ProgressTracker
+
+    monkeypatch.setattr(openvino_backend, "CONVERT_MARGIN", 0.0)  # every run "pays" here
+    monkeypatch.setattr(openvino_backend.Conversion, "converted", property(lambda self: False))
+    held, converts = [], []
+    monkeypatch.setattr(ProgressTracker, "hold_until", lambda self, done: held.append(done))
+
+    def convert_in_run(self, tracker, check_cancel):  # a conversion that failed, as Conversion records it
+        converts.append(1)
+        self.openvino.failed = "stopped by the test"
+
+    monkeypatch.setattr(Segmenter, "_convert_in_run", convert_in_run)
+    card, weights = catalog.resolve_model("demo")
+    card = dataclasses.replace(card, roi_size=(96, 96, 96))
+    result = Segmenter(card, weights, device="cpu").segment(part_ct)
+    assert converts == [1] and held == [0]
+    assert result.stats["backend"] == "torch" and result.labels.same_grid(part_ct)
+
+
 def test_a_short_auto_run_stays_on_pytorch_and_is_never_held_up(not_yet_converted, one_window):
     result = _segmenter().segment(one_window)  # the demo: seconds, against a conversion of about 7.5 s
     assert result.stats["backend"] == "torch" and not_yet_converted["calls"] == 0

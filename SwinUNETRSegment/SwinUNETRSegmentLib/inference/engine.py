@@ -49,7 +49,7 @@ from SwinUNETRSegmentLib.inference.devices import (
     run_with_fallback,
     thread_count,
 )
-from SwinUNETRSegmentLib.inference.memory import release_free_memory
+from SwinUNETRSegmentLib.inference.memory import lower_raised_thresholds, release_free_memory
 from SwinUNETRSegmentLib.inference.network import (
     cancel_checks,
     cpu_windows_per_call,
@@ -268,6 +268,7 @@ class Segmenter:
         # process and OpenVINO's windows: let go of both.
         self._release_torch_network()
         release_free_memory()
+        lower_raised_thresholds()  # they only served PyTorch's windows
         return self.openvino.convert_waiting(self.fast, self._threads, check_cancel)
 
     def _air_output(self, net, dtype, backend: str):
@@ -479,6 +480,8 @@ class Segmenter:
             with torch.inference_mode(), amp, hooks, attention as cached_modules, pointwise as matmul_modules:
                 stats["attention_cached"] = cached_modules
                 stats["pointwise_matmul"] = matmul_modules
+                if isinstance(net, openvino_backend.ConvertWhenItPays):  # may raise ConversionPays
+                    net.probe(roi, int(self.card.network_args.get("in_channels", 1)), dtype, self.device)
                 return inferer(x, predictor)
 
         # not beside CPU autocast, which rejects float16 tensors ("Unexpected floating ScalarType")

@@ -30,8 +30,8 @@ import os
 import platform
 
 __all__ = ["DEFAULT_THRESHOLD", "JEMALLOC_CONF", "RAISED_BY_US", "REEXEC_MARK", "allocator_env", "configure_allocator",
-           "jemalloc_library", "openvino_installed", "reexec_with_allocator", "release_free_memory",
-           "release_mapped_files"]
+           "jemalloc_library", "lower_raised_thresholds", "openvino_installed", "reexec_with_allocator",
+           "release_free_memory", "release_mapped_files"]
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,33 @@ def configure_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
         _configured = int(threshold)
     else:
         log.debug("mallopt is not available here; the allocator keeps its defaults")
+    return ok
+
+
+#: bytes: the mmap threshold glibc's dynamic rule reaches once buffers of 32 MiB or more were freed
+#: (its ceiling on 64-bit systems; the trim threshold then follows at twice that)
+GLIBC_DYNAMIC_CEILING = 32 << 20
+
+
+def lower_raised_thresholds() -> bool:
+    """Where this process runs under the thresholds :func:`allocator_env` raised (not the
+    user's), set glibc's mmap and trim thresholds to where glibc's own dynamic rule takes them
+    (:data:`GLIBC_DYNAMIC_CEILING`, twice that) for the rest of its life; returns whether it
+    did. For a run that converted for OpenVINO midway (``Segmenter._convert_in_run``): the
+    raised thresholds keep buffers for PyTorch's next window, OpenVINO's windows reuse none
+    of them, and under them a first run's OpenVINO windows peaked at 2,645 MB against a
+    converted run's 2,047 (feature size 48 without bfloat16; benchmarks/README.md, session 12).
+    glibc's dynamic rule cannot be switched back on once set, hence its ceiling."""
+    if not os.environ.get(RAISED_BY_US):
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    try:
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, GLIBC_DYNAMIC_CEILING) == 1
+              and libc.mallopt(_M_TRIM_THRESHOLD, 2 * GLIBC_DYNAMIC_CEILING) == 1)
+    except AttributeError:
+        return False
     return ok
 
 

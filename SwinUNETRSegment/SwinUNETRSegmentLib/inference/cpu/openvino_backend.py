@@ -551,8 +551,8 @@ class ConvertWhenItPays:
     its attention caches and the allocator's retained buffers would otherwise stay resident
     under the conversion and beside OpenVINO's compiled model until the run ends (a first
     run's peak at feature size 48 was 1 GB above a converted run's), and the labels are then
-    a converted run's exactly, as the next run on the same scan gives them. It costs the one
-    or two windows PyTorch ran.
+    a converted run's exactly, as the next run on the same scan gives them. It costs the
+    windows PyTorch ran: none where :meth:`probe` decided before the first.
 
     Args:
         torch_network: the network as the run calls it.
@@ -561,10 +561,45 @@ class ConvertWhenItPays:
         gain: the share of a window's PyTorch time OpenVINO saves here.
     """
 
+    #: the side of :meth:`probe`'s window: the smallest a SwinUNETR takes (its deepest stage
+    #: halves the grid five times and normalises over what is left)
+    PROBE_SIDE = 64
+
     def __init__(self, torch_network, windows_left: int, cost_s: float, gain: float):
         self.torch_network, self.windows_left = torch_network, int(windows_left)
         self.cost_s, self.gain = float(cost_s), float(gain)
         self.torch_windows, self.torch_seconds = 0, 0.0
+        self.probed: Optional[float] = None
+
+    def probe(self, roi_size: Sequence[int], in_channels: int, dtype, device) -> None:
+        """Before the first window: time one call on a :data:`PROBE_SIDE`-cubed window, scale it
+        by a window's voxels, and raise :class:`ConversionPays` (after 0 windows) when the
+        windows left at that speed already pay for the conversion. A run that converts then runs
+        no window twice and never holds a whole float32 window's activations under raised
+        thresholds before it (a feature-48 first run without bfloat16 peaked there: 2,979 MB
+        against its conversion's 2,014; benchmarks/README.md, session 12). The scaling errs low
+        (a feature-48 SwinUNETR takes 3.5-3.8 times as long on 96^3 for 3.4 times the voxels),
+        so a probe converts no run that the windows' own timing would not; where it does not
+        convert, that timing still decides after each call. Once per run; nothing where a
+        window is not larger than the probe's, or where the network cannot take its size."""
+        import math
+
+        import torch
+
+        side = self.PROBE_SIDE
+        if self.probed is not None or self.windows_left < 2 or min(roi_size) < side or math.prod(roi_size) <= side**3:
+            return
+        x = torch.zeros((1, int(in_channels)) + (side,) * 3, dtype=dtype, device=device)
+        t = time.perf_counter()
+        try:
+            self.torch_network(x)
+        except (RuntimeError, ValueError) as exc:  # a network whose grid rules exclude 64^3
+            log.debug("no probe window for the conversion's decision (%s)", exc)
+            self.probed = 0.0
+            return
+        self.probed = (time.perf_counter() - t) * math.prod(roi_size) / side**3
+        if saving_pays(self.windows_left * self.probed, self.cost_s, self.gain):
+            raise ConversionPays(0)
 
     def pays(self) -> bool:
         left = self.windows_left - self.torch_windows
