@@ -10,8 +10,10 @@ compiles the result and runs one window, and reports:
   a child stacks on the engine's memory while it runs).
 
 Ways: ``in-process`` (``openvino_backend.convert_checkpoint`` called by the engine, what
-the engine did until session 9) and ``child`` (``Conversion.convert``: the conversion in a
-child process, what it does now). Interleaved, ``--repeats`` times each.
+the engine did until session 9), ``child-dynamic`` (``Conversion.convert``: the conversion in a
+child process on glibc's dynamic mmap threshold, sessions 9 to 11) and ``child`` (the same on a
+fixed 1 MiB threshold, ``openvino_backend.CONVERSION_MMAP_THRESHOLD``: what it does now).
+Interleaved, ``--repeats`` times each; ``--ways`` picks some.
 
     ./dev python benchmarks/bench_conversion.py                      # feature size 48, 96^3
     ./dev python benchmarks/bench_conversion.py --feature-size 12 --repeats 3
@@ -29,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+WAYS = ("in-process", "child-dynamic", "child")
 sys.path.insert(0, str(HERE.parent / "SwinUNETRSegment"))
 sys.path.insert(0, str(HERE))
 
@@ -58,7 +61,9 @@ def worker(args) -> None:
     out = {"before_mb": _rss_mb()}
     t = time.perf_counter()
     with TreeMemory() as tree:
-        if args.worker == "child":
+        if args.worker.startswith("child"):
+            if args.worker == "child-dynamic":
+                openvino_backend.CONVERSION_MMAP_THRESHOLD = None
             conversion.convert(spare_core=False)
         else:
             openvino_backend.convert_checkpoint(card, checkpoint, key)
@@ -75,14 +80,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--feature-size", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--worker", choices=("in-process", "child"), help=argparse.SUPPRESS)
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"some of {', '.join(WAYS)}")
+    parser.add_argument("--worker", choices=WAYS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     from bench_service import cpu_flags
 
     print(f"CPU: {cpu_flags()}; feature size {args.feature_size}, {args.repeats} repeat(s), interleaved")
-    results: dict[str, list[dict]] = {"in-process": [], "child": []}
+    results: dict[str, list[dict]] = {w: [] for w in WAYS if w in args.ways.split(",")}
     for _ in range(args.repeats):
         for way in results:
             home = tempfile.mkdtemp(prefix="bench-conversion-")
@@ -97,11 +103,16 @@ def main() -> None:
     print(f"{'way':>10} " + " ".join(f"{c:>16}" for c in cols) + "   (medians)")
     for way, rs in results.items():
         print(f"{way:>10} " + " ".join(f"{statistics.median(r[c] for r in rs):16.1f}" for c in cols))
-    a, b = results["in-process"], results["child"]
-    kept_a = statistics.median(r["after_window_mb"] for r in a)
-    kept_b = statistics.median(r["after_window_mb"] for r in b)
-    print(f"the engine after the conversion, a compile and one window: {kept_b:.0f} MB with the child "
-          f"against {kept_a:.0f} MB in-process ({kept_a - kept_b:.0f} MB less)")
+    if "in-process" in results and "child" in results:
+        kept_a = statistics.median(r["after_window_mb"] for r in results["in-process"])
+        kept_b = statistics.median(r["after_window_mb"] for r in results["child"])
+        print(f"the engine after the conversion, a compile and one window: {kept_b:.0f} MB with the child "
+              f"against {kept_a:.0f} MB in-process ({kept_a - kept_b:.0f} MB less)")
+    if "child-dynamic" in results and "child" in results:
+        dyn = statistics.median(r["tree_peak_mb"] for r in results["child-dynamic"])
+        fixed = statistics.median(r["tree_peak_mb"] for r in results["child"])
+        print(f"peak of the engine and its conversion: {fixed:.0f} MB on the fixed mmap threshold against "
+              f"{dyn:.0f} MB on glibc's dynamic one ({dyn - fixed:.0f} MB less)")
 
 
 if __name__ == "__main__":

@@ -224,9 +224,11 @@ def engine_fastpath(variant: str, overrides: dict):
     return fast.but(**overrides) if overrides else fast
 
 
-def may_run_openvino(pipeline: str, args) -> bool:
+def may_run_openvino(pipeline: str, args, card) -> bool:
     """Whether the command line would keep this engine pipeline on the system allocator (it
     may run, or convert in the run, on OpenVINO: ``cli.runs_on_openvino``)."""
+    from SwinUNETRSegmentLib.cli import may_convert_in_a_run
+    from SwinUNETRSegmentLib.models.cards import load_card
     from SwinUNETRSegmentLib.inference.memory import openvino_installed
 
     if not openvino_installed() or not args.device.startswith(("cpu", "auto")):
@@ -236,8 +238,10 @@ def may_run_openvino(pipeline: str, args) -> bool:
     fast = engine_fastpath(pipeline, json.loads(args.set or "{}"))
     if fast.backend == "torch" or fast.precision == "float32":
         return False
-    # "auto" on a CPU with native bfloat16 and nothing converted keeps jemalloc (cli.runs_on_openvino)
-    return fast.backend == "openvino" or pipeline == "first-run" or not cpu_flags_have_bf16()
+    # "auto" on a CPU with native bfloat16 and nothing converted keeps jemalloc for a small model
+    # (cli.runs_on_openvino)
+    return (fast.backend == "openvino" or pipeline == "first-run" or not cpu_flags_have_bf16()
+            or may_convert_in_a_run(load_card(card)))
 
 
 def engine_card_overlap(variant: str, card):
@@ -290,7 +294,7 @@ def run_child(pipeline: str, input_path: Path, card: Path, checkpoint: Path, arg
 
         # "openvino" runs on a conversion from its first window, as the command line finds it
         # (cli.runs_on_a_conversion): no raised glibc thresholds for PyTorch windows it has not
-        env = None if pipeline == "reference" else allocator_env(openvino=may_run_openvino(pipeline, args),
+        env = None if pipeline == "reference" else allocator_env(openvino=may_run_openvino(pipeline, args, card),
                                                                  converted=pipeline == "openvino")
         if env is not None and pipeline not in ("openvino", "first-run"):
             # the engine's catalog folder of this bench run (shared by its repetitions, as a

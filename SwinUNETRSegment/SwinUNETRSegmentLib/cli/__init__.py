@@ -32,10 +32,10 @@ def runs_on_openvino(argv: list[str]) -> bool:
     allocator: inference/memory.py): ``serve`` where openvino is installed (the service
     converts in the background), a segmentation with ``--backend openvino``, and one with the
     default backend on the CPU that runs on a cached conversion or may convert during the run
-    (``openvino_backend.ConvertWhenItPays``, which cannot run beside jemalloc). A CPU with
-    native bfloat16 converts during a run almost never (OpenVINO saves 18 % there), so an
-    unconverted run there keeps jemalloc, 9 % faster for PyTorch (benchmarks/README.md,
-    session 7). Anything unclear: False."""
+    (``openvino_backend.ConvertWhenItPays``, which cannot run beside jemalloc). On a CPU with
+    native bfloat16 an unconverted run converts only with a large model (:func:`may_convert_in_a_run`):
+    a small one keeps jemalloc, 9 % faster for PyTorch (benchmarks/README.md, session 7).
+    Anything unclear: False."""
     from SwinUNETRSegmentLib.inference.memory import openvino_installed
 
     if not openvino_installed() or "--backend=torch" in argv or "torch" in _values(argv, "--backend"):
@@ -55,7 +55,7 @@ def runs_on_openvino(argv: list[str]) -> bool:
             return False
         if not cpu_flags_have_bf16():
             return True  # a long run converts once that pays (40 % saved without bfloat16)
-        return _cached_conversion(args)
+        return may_convert_in_a_run(_card(args)) or _cached_conversion(args)
     except BaseException:  # noqa: B036 - argparse exits, a bad card raises: the run itself will say so
         return False
 
@@ -77,6 +77,29 @@ def runs_on_a_conversion(argv: list[str]) -> bool:
         return _cached_conversion(args)
     except BaseException:  # noqa: B036 - argparse exits, a bad card raises: the run itself will say so
         return False
+
+
+#: the SwinUNETR feature size from which a run on a CPU with native bfloat16 may convert for
+#: OpenVINO (:func:`may_convert_in_a_run`)
+CONVERTS_FROM_FEATURE_SIZE = 24
+
+
+def may_convert_in_a_run(card) -> bool:
+    """Whether a run of ``card``'s model on a CPU with native bfloat16 may convert for OpenVINO
+    midway (and so must not start on jemalloc). OpenVINO saves 40 % of a feature-48 run there
+    (session 11: 100 s against 166 s on the hold-out chest CT), which pays for the conversion
+    (22 s) from about 30 windows on, a run of most CTs at the btcv cards' 1.5 mm; the demo
+    model (feature size 12: a 7.5-s conversion against 0.3-s windows) would need over 85
+    windows, more than a 512 x 512 x 300 CT gives at its 3 mm, and keeps jemalloc."""
+    return int(card.network_args.get("feature_size", 0) or 0) >= CONVERTS_FROM_FEATURE_SIZE
+
+
+def _card(args):
+    """The parsed command line's model card (no weights fetched, no checkpoint hashed)."""
+    from SwinUNETRSegmentLib.models import catalog
+    from SwinUNETRSegmentLib.models.cards import load_card
+
+    return load_card(args.card) if args.card else catalog.card_of(args.model or catalog.DEFAULT_MODEL)
 
 
 def _cached_conversion(args) -> bool:

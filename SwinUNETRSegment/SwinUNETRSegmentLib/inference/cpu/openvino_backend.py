@@ -67,19 +67,21 @@ _WAIT_MS = 100  # how often a running window looks at the cancel flag
 #: would save on the windows left exceeds the conversion's cost times this margin. Measured on
 #: a 2-core EPYC with native bfloat16 (benchmarks/README.md, sessions 7 and 8): converting and
 #: compiling costs 7.5 s at feature size 12 and 22 s at feature size 48 (6.5 s + 15 s per 62
-#: million weights, :func:`conversion_seconds`); OpenVINO then saves 18 % of a feature-48 run
-#: there (117 s against 142 s on the example CT) and 39 % of a window where PyTorch runs
-#: float32 (3.45 s against the engine's 5.69 s on the same CPU in float32; the issue's AVX2-only
-#: EPYC: 4.5 s against 10.7 s eager). A run that would not win by the margin stays on
-#: PyTorch and is never held up.
+#: million weights, :func:`conversion_seconds`). OpenVINO then saves 40 % of a feature-48 run
+#: in bfloat16 (the hold-out chest CT, medians: 100.0 s against 166.6 s, session 11; per window
+#: 1.17 s against 2.50 s, session 12; it was 18 % in session 7, before the shifted windows'
+#: attention went by mask plane) and 39 % of a window where PyTorch runs float32 (3.45 s
+#: against the engine's 5.69 s on the same CPU in float32; session 10's AVX2-only EPYC: 6.85 s
+#: against 11.14 s). A run that would not win by the margin stays on PyTorch and is never held up.
 CONVERT_MARGIN = 1.5
 #: a conversion's process still running after this long is stopped (and the run goes on on
 #: PyTorch): feature size 48 converts in 20-40 s on a 2-core laptop-class CPU, so an hour means
 #: it hangs, and a run waiting for it, or the next conversion of the same checkpoint, must not
 CONVERT_TIMEOUT_S = 3600.0
-#: bytes: glibc's mmap threshold in a conversion's process (:func:`convert_in_child`)
-CONVERSION_MMAP_THRESHOLD = 1 << 20
-GAIN_BFLOAT16 = 0.18
+#: bytes: glibc's mmap threshold in a conversion's process (:func:`convert_in_child`); None:
+#: glibc's own dynamic rule (what it was until session 12)
+CONVERSION_MMAP_THRESHOLD: Optional[int] = 1 << 20
+GAIN_BFLOAT16 = 0.40
 GAIN_FLOAT32 = 0.40
 
 
@@ -261,7 +263,8 @@ def convert_in_child(card, checkpoint: Path, key: str, threads: int) -> Path:
     env["PYTHONPATH"] = os.pathsep.join([str(package_root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["SWINUNETR_SEGMENT_OPENVINO_CACHE"] = str(cache_root())
     ours = env.pop(RAISED_BY_US, None)
-    if ours or not (env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_")):
+    mine = env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_")
+    if CONVERSION_MMAP_THRESHOLD and (ours or not mine):
         # The raised thresholds keep freed buffers for PyTorch's next window (memory.allocator_env);
         # a conversion has no next window, and with them its peak was 2.7 GB instead of 1.2. glibc's
         # own dynamic threshold is no better for it: each large buffer freed raises the threshold
@@ -270,6 +273,9 @@ def convert_in_child(card, checkpoint: Path, key: str, threads: int) -> Path:
         # 2,356 -> 2,014 MB peak, the same seconds; benchmarks/README.md, session 12).
         env.pop("MALLOC_TRIM_THRESHOLD_", None)
         env["MALLOC_MMAP_THRESHOLD_"] = str(CONVERSION_MMAP_THRESHOLD)
+    elif ours:  # (benchmarks/bench_conversion.py's "child-dynamic": glibc's own rule)
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        env.pop("MALLOC_TRIM_THRESHOLD_", None)
     cmd = [sys.executable, "-m", "SwinUNETRSegmentLib.inference.cpu.openvino_convert",
            "--checkpoint", str(checkpoint), "--key", key, "--threads", str(int(threads))]
     t = time.perf_counter()
