@@ -176,8 +176,9 @@ def lower_raised_thresholds() -> bool:
     (:data:`GLIBC_DYNAMIC_CEILING`, twice that) for the rest of its life; returns whether it
     did. For a run that converted for OpenVINO midway (``Segmenter._convert_in_run``): the
     raised thresholds keep buffers for PyTorch's next window, OpenVINO's windows reuse none
-    of them, and under them a first run's OpenVINO windows peaked at 2,645 MB against a
-    converted run's 2,047 (feature size 48 without bfloat16; benchmarks/README.md, session 12).
+    of them (feature size 48 without bfloat16, the engine on OpenVINO's windows after a
+    conversion midway: 2,276 MB sampled under them, 2,221 MB peak after; benchmarks/README.md,
+    session 12).
     glibc's dynamic rule cannot be switched back on once set, hence its ceiling."""
     if not os.environ.get(RAISED_BY_US):
         return False

@@ -583,7 +583,7 @@ class ConvertWhenItPays:
         windows left at that speed already pay for the conversion. A run that converts then runs
         no window twice and never holds a whole float32 window's activations under raised
         thresholds before it (a feature-48 first run without bfloat16 peaked there: 2,979 MB
-        against its conversion's 2,014; benchmarks/README.md, session 12). The scaling errs low
+        against 2,173 for its conversion's process; benchmarks/README.md, session 12). The scaling errs low
         (a feature-48 SwinUNETR takes 3.5-3.8 times as long on 96^3 for 3.4 times the voxels),
         so a probe converts no run that the windows' own timing would not; where it does not
         convert, that timing still decides after each call. Once per run; nothing where a
