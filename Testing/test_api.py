@@ -95,34 +95,37 @@ def test_example_ct_outputs_are_byte_for_byte_those_before_the_redesign(tmp_path
     ct = reference_files / "example_ct.nii.gz"
     lib = old / "SwinUNETRSegment" / "SwinUNETRSegmentLib"
     model = ["--card", str(lib / "cards" / "demo.json"), "--checkpoint", str(lib / "weights" / "demo.pt")]
-    # The precision is named for both sides: the engine before the redesign chose bfloat16
-    # also on CPUs that only emulate it (defect 3 of the redesign), so "auto" differs there
-    # on purpose. Where the CPU has native bfloat16 both sides run the default fast path.
+
+    def run(tag: str, code_root: Path, precision: str) -> Path:
+        folder = tmp_path / f"out-{tag}-{precision}"
+        folder.mkdir()
+        code = "import sys; from SwinUNETRSegmentLib.cli import main; sys.exit(main(sys.argv[1:]))"
+        args = ["-i", str(ct), "-o", str(folder / "ct.seg.nrrd"), "-o", str(folder / "ct.nii.gz"),
+                "--preview", str(folder / "ct.png"), "-q", *model, "--precision", precision]
+        # an empty catalog folder: no model converted for OpenVINO, so both sides run on PyTorch
+        env = dict(os.environ, PYTHONPATH=str(code_root), SWINUNETR_SEGMENT_HOME=str(tmp_path / "home"))
+        done = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert {p.name for p in folder.iterdir()} == {"ct.seg.nrrd", "ct.nii.gz", "ct.csv", "ct.png"}
+        return folder
+
+    # The precision is named for both sides: the engine before the redesign chose bfloat16 also
+    # on CPUs that only emulate it (defect 3 of the redesign), so "auto" differs there on purpose.
+    # float32, on every CPU: the same bytes.
+    before, now = run("before", old / "SwinUNETRSegment", "float32"), run("now", REPO / "SwinUNETRSegment", "float32")
+    for name in ("ct.seg.nrrd", "ct.nii.gz", "ct.csv"):
+        assert _sha(now / name) == _sha(before / name), name
+    # bfloat16 where the CPU has it natively: since session 10 the engine stitches the windows'
+    # logits in float16 there (FastPath.half_stitching, a third less peak memory), which the
+    # engine before it did not; the labels may then differ where two organs' logits tie to
+    # float16 rounding, and nowhere else.
     from SwinUNETRSegmentLib.inference.devices import cpu_has_native_bf16
 
-    model += ["--precision", "bfloat16" if cpu_has_native_bf16() else "float32"]
-    outputs = {}
-    for tag, pythonpath in (("before", old / "SwinUNETRSegment"), ("now", REPO / "SwinUNETRSegment")):
-        folder = tmp_path / f"out-{tag}"
-        folder.mkdir(exist_ok=True)
-        code = "import sys; from SwinUNETRSegmentLib.cli import main; sys.exit(main(sys.argv[1:]))"
-        args = [
-            "-i",
-            str(ct),
-            "-o",
-            str(folder / "ct.seg.nrrd"),
-            "-o",
-            str(folder / "ct.nii.gz"),
-            "--preview",
-            str(folder / "ct.png"),
-            "-q",
-            *model,
-        ]
-        # an empty catalog folder: no model converted for OpenVINO, so both sides run on PyTorch
-        env = dict(os.environ, PYTHONPATH=str(pythonpath), SWINUNETR_SEGMENT_HOME=str(tmp_path / "home"))
-        run = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr
-        outputs[tag] = {p.name: _sha(p) for p in sorted(folder.iterdir())}
-    assert set(outputs["now"]) == {"ct.seg.nrrd", "ct.nii.gz", "ct.csv", "ct.png"}
-    for name in ("ct.seg.nrrd", "ct.nii.gz", "ct.csv"):
-        assert outputs["now"][name] == outputs["before"][name], name
+    if cpu_has_native_bf16():
+        import nibabel as nib
+
+        before = run("before", old / "SwinUNETRSegment", "bfloat16")
+        now = run("now", REPO / "SwinUNETRSegment", "bfloat16")
+        a, b = (np.asarray(nib.load(str(f / "ct.nii.gz")).dataobj) for f in (before, now))
+        assert a.shape == b.shape and (a != b).mean() < 1e-4
+        assert nib.load(str(now / "ct.nii.gz")).affine.tolist() == nib.load(str(before / "ct.nii.gz")).affine.tolist()

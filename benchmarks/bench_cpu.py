@@ -228,8 +228,8 @@ def may_run_openvino(pipeline: str, args, card) -> bool:
     """Whether the command line would keep this engine pipeline on the system allocator (it
     may run, or convert in the run, on OpenVINO: ``cli.runs_on_openvino``)."""
     from SwinUNETRSegmentLib.cli import may_convert_in_a_run
-    from SwinUNETRSegmentLib.models.cards import load_card
     from SwinUNETRSegmentLib.inference.memory import openvino_installed
+    from SwinUNETRSegmentLib.models.cards import load_card
 
     if not openvino_installed() or not args.device.startswith(("cpu", "auto")):
         return False
