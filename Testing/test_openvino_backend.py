@@ -317,7 +317,7 @@ def test_the_in_run_conversion_pays_where_it_was_measured_to():
     assert not after_first_call(7.0, openvino_backend.GAIN_FLOAT32, windows=2)  # nothing left to win
 
 
-def test_a_probe_window_decides_before_the_first_window_and_errs_towards_pytorch(monkeypatch):
+def test_a_probe_window_scaled_by_a_windows_voxels_decides_before_the_first_window(monkeypatch):
     """The probe's estimate is its time scaled by a window's voxels: a 64^3 call of 2 s stands
     for 6.75 s on 96^3; 60 such windows without bfloat16 pay for a feature-48 conversion before
     the first window, 4 do not (the windows' own timing decides then), and a window no larger

@@ -583,10 +583,12 @@ class ConvertWhenItPays:
         windows left at that speed already pay for the conversion. A run that converts then runs
         no window twice and never holds a whole float32 window's activations under raised
         thresholds before it (a feature-48 first run without bfloat16 peaked there: 2,979 MB
-        against 2,173 for its conversion's process; benchmarks/README.md, session 12). The scaling errs low
-        (a feature-48 SwinUNETR takes 3.5-3.8 times as long on 96^3 for 3.4 times the voxels),
-        so a probe converts no run that the windows' own timing would not; where it does not
-        convert, that timing still decides after each call. Once per run; nothing where a
+        against 2,173 for its conversion's process; benchmarks/README.md, session 12). The
+        estimate errs high, as the first window's own timing does: the probe is the process's
+        first call and carries its warm-up (feature size 48, AVX2-held: 2.13 s against 1.54-1.67 s
+        for later 64^3 calls, so 7.2 s estimated for 6.2 s measured on 96^3); :data:`CONVERT_MARGIN`
+        (1.5) keeps a run it converts on the winning side of that. Where it does not convert,
+        the windows' timing still decides after each call. Once per run; nothing where a
         window is not larger than the probe's, or where the network cannot take its size."""
         import math
 
