@@ -307,7 +307,9 @@ def test_the_in_run_conversion_pays_where_it_was_measured_to():
     twelve short windows, a handful of feature-48 windows and a run with nothing left do not."""
     def after_first_call(seconds_per_window, gain, windows=48, parameters=62_000_000):
         w = openvino_backend.ConvertWhenItPays(None, windows, openvino_backend.conversion_seconds(parameters), gain)
-        w.torch_windows, w.torch_seconds = 1, seconds_per_window
+        w.probed = seconds_per_window  # a probe ran: the first window's call is warm
+        w.torch_windows = w.torch_calls = 1
+        w.torch_seconds = w.last_seconds = seconds_per_window
         return w.pays()
 
     assert after_first_call(3.3, openvino_backend.GAIN_BFLOAT16)
@@ -315,6 +317,37 @@ def test_the_in_run_conversion_pays_where_it_was_measured_to():
     assert not after_first_call(0.33, openvino_backend.GAIN_FLOAT32, windows=12, parameters=4_000_000)  # the demo
     assert not after_first_call(2.5, openvino_backend.GAIN_BFLOAT16, windows=12)
     assert not after_first_call(7.0, openvino_backend.GAIN_FLOAT32, windows=2)  # nothing left to win
+
+
+def test_the_in_run_rule_waits_out_the_first_calls_warm_up_and_decides_on_the_latest_call(monkeypatch):
+    """Where no probe ran (windows of 64^3 or less, the demo's), the run's first call carries
+    the network's warm-up: it does not decide, however slow; from the second call on, the
+    latest call's time does, so one slow warm-up call neither converts a short run nor keeps
+    a run slow."""
+    calls = iter([0.61, 0.40, 0.40, 9.0])  # seconds per call: a warm-up, warm calls, a slow patch
+    clock = {"t": 0.0}
+    monkeypatch.setattr(openvino_backend.time, "perf_counter", lambda: clock["t"])
+
+    def network(batch):
+        clock["t"] += next(calls)
+        return batch
+
+    one = np.zeros((1, 1, 4, 4, 4), np.float32)
+    w = openvino_backend.ConvertWhenItPays(network, 30, 20.0, 0.5)  # pays above 30 s saved (20 x 1.5)
+    assert not w.pays()
+    for _ in range(3):
+        w(one)
+    assert w.last_seconds == pytest.approx(0.40) and w.torch_calls == 3
+    with pytest.raises(openvino_backend.ConversionPays) as raised:
+        w(one)  # 26 left x 9 s x 0.5 = 117 s saved
+    assert raised.value.torch_windows == 4
+
+    slow_start = openvino_backend.ConvertWhenItPays(network, 30, 20.0, 0.5)
+    slow_start.torch_windows = slow_start.torch_calls = 1
+    slow_start.torch_seconds = slow_start.last_seconds = 9.0  # a first call this slow would pay...
+    assert not slow_start.pays()  # ...but it carries the warm-up, and no probe ran before it
+    slow_start.probed = 9.0
+    assert slow_start.pays()  # after a probe, the first window's call is warm and decides
 
 
 def test_a_probe_window_scaled_by_a_windows_voxels_decides_before_the_first_window(monkeypatch):
