@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,68 @@ def test_the_conversion_is_found_again_by_its_checkpoint(home, tmp_path, monkeyp
     other.write_bytes(bytes(data) + b"\0")  # same weights, another file: another SHA256
     changed = Segmenter(card, other, device="cpu")
     assert changed.openvino.key != first.openvino.key and not changed.openvino.converted
+
+
+@pytest.mark.parametrize("window", [(64, 64, 64), (64, 96, 32)], ids=["cube", "anisotropic"])
+def test_a_swinunetr_converted_in_two_parts_is_the_whole_trace_bit_for_bit(window, tmp_path):
+    """The conversion traces a SwinUNETR's full-resolution head on a small grid and wires it to
+    the body traced on the whole window: the weights file is the one-piece trace's byte for
+    byte, the compiled outputs are equal bit for bit, and they are PyTorch's to float rounding,
+    on a cubic and a non-cubic window (a MONAI forward that changed would show here)."""
+    import openvino as ov
+    import torch
+
+    from SwinUNETRSegmentLib.inference.cpu.window_attention import cached_window_attention
+    from SwinUNETRSegmentLib.inference.network import fused_attention
+    from SwinUNETRSegmentLib.models.checkpoint import load_model
+
+    card, weights = catalog.resolve_model("demo")
+    network = load_model(card, weights).float().eval()
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(1, 1) + window).astype(np.float32))
+    with torch.no_grad(), fused_attention(network, True), cached_window_attention(network, True, by_mask=True), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing's warnings on shapes, as the conversion has them
+        expected = network(x).numpy()
+        two_parts = openvino_backend._to_openvino(network, x)
+        whole = openvino_backend._traced(network, (x,), [x.shape])
+    assert two_parts.get_friendly_name() == "swinunetr"  # the two-part path was taken
+    outputs = {}
+    for name, model in (("two_parts", two_parts), ("whole", whole)):
+        ov.save_model(model, str(tmp_path / f"{name}.xml"), compress_to_fp16=False)
+        compiled = ov.Core().compile_model(str(tmp_path / f"{name}.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        outputs[name] = compiled(x.numpy())[0]
+    assert (tmp_path / "two_parts.bin").read_bytes() == (tmp_path / "whole.bin").read_bytes()
+    np.testing.assert_array_equal(outputs["two_parts"], outputs["whole"])
+    assert outputs["two_parts"].shape == expected.shape == (1, 14) + window
+    np.testing.assert_allclose(outputs["two_parts"], expected, atol=2e-3)
+    assert (outputs["two_parts"].argmax(1) == expected.argmax(1)).mean() > 0.999
+
+
+def test_a_two_part_conversion_that_fails_traces_the_network_whole(monkeypatch, caplog):
+    """A MONAI whose SwinUNETR no longer cuts at ``dec0`` (here: the two-part path raises)
+    still converts, traced whole, and says so in the log; so does a run asked to trace whole."""
+    import torch
+
+    from SwinUNETRSegmentLib.models.checkpoint import load_model
+
+    card, weights = catalog.resolve_model("demo")
+    network = load_model(card, weights).float().eval()
+    x = torch.zeros((1, 1, 64, 64, 64))
+
+    def broken(net, example):
+        raise AttributeError("'SwinUNETR' object has no attribute 'encoder10'")
+
+    monkeypatch.setattr(openvino_backend, "_swinunetr_in_two_parts", broken)
+    with torch.no_grad(), warnings.catch_warnings(), caplog.at_level("WARNING"):
+        warnings.simplefilter("ignore")
+        model = openvino_backend._to_openvino(network, x)
+    assert model.get_friendly_name() != "swinunetr" and list(model.output(0).get_shape()) == [1, 14, 64, 64, 64]
+    assert "converting the network in two parts failed ('SwinUNETR' object has no attribute" in caplog.text
+    monkeypatch.setattr(openvino_backend, "_swinunetr_in_two_parts", lambda *a: pytest.fail("traced in two parts"))
+    monkeypatch.setenv(openvino_backend.TRACE_WHOLE, "1")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert openvino_backend._to_openvino(network, x).get_friendly_name() != "swinunetr"
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads this process's resident memory (Linux)")

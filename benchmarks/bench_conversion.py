@@ -11,8 +11,11 @@ compiles the result and runs one window, and reports:
 
 Ways: ``in-process`` (``openvino_backend.convert_checkpoint`` called by the engine, what
 the engine did until session 9), ``child-dynamic`` (``Conversion.convert``: the conversion in a
-child process on glibc's dynamic mmap threshold, sessions 9 to 11) and ``child`` (the same on a
-fixed 1 MiB threshold, ``openvino_backend.CONVERSION_MMAP_THRESHOLD``: what it does now).
+child process on glibc's dynamic mmap threshold, sessions 9 to 11), ``child-whole`` (the same on a
+fixed 1 MiB threshold, ``openvino_backend.CONVERSION_MMAP_THRESHOLD``, session 12) and ``child``
+(the same with a SwinUNETR traced in two parts, its full-resolution head on a small grid,
+``openvino_backend._to_openvino``: what it does now). ``child-dynamic`` and ``child-whole`` trace the
+network whole.
 Interleaved, ``--repeats`` times each; ``--ways`` picks some.
 
     ./dev python benchmarks/bench_conversion.py                      # feature size 48, 96^3
@@ -31,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WAYS = ("in-process", "child-dynamic", "child")
+WAYS = ("in-process", "child-dynamic", "child-whole", "child")
 sys.path.insert(0, str(HERE.parent / "SwinUNETRSegment"))
 sys.path.insert(0, str(HERE))
 
@@ -64,6 +67,8 @@ def worker(args) -> None:
         if args.worker.startswith("child"):
             if args.worker == "child-dynamic":
                 openvino_backend.CONVERSION_MMAP_THRESHOLD = None
+            if args.worker in ("child-dynamic", "child-whole"):  # the child inherits it
+                os.environ[openvino_backend.TRACE_WHOLE] = "1"
             conversion.convert(spare_core=False)
         else:
             openvino_backend.convert_checkpoint(card, checkpoint, key)
@@ -108,6 +113,12 @@ def main() -> None:
         kept_b = statistics.median(r["after_window_mb"] for r in results["child"])
         print(f"the engine after the conversion, a compile and one window: {kept_b:.0f} MB with the child "
               f"against {kept_a:.0f} MB in-process ({kept_a - kept_b:.0f} MB less)")
+    if "child-whole" in results and "child" in results:
+        whole = statistics.median(r["tree_peak_mb"] for r in results["child-whole"])
+        parts = statistics.median(r["tree_peak_mb"] for r in results["child"])
+        secs = [statistics.median(r["convert_s"] for r in results[w]) for w in ("child-whole", "child")]
+        print(f"peak of the engine and its conversion: {parts:.0f} MB traced in two parts against {whole:.0f} MB "
+              f"traced whole ({whole - parts:.0f} MB less); {secs[1]:.1f} s against {secs[0]:.1f} s")
     if "child-dynamic" in results and "child" in results:
         dyn = statistics.median(r["tree_peak_mb"] for r in results["child-dynamic"])
         fixed = statistics.median(r["tree_peak_mb"] for r in results["child"])

@@ -81,6 +81,8 @@ CONVERT_TIMEOUT_S = 3600.0
 #: bytes: glibc's mmap threshold in a conversion's process (:func:`convert_in_child`); None:
 #: glibc's own dynamic rule (what it was until session 12)
 CONVERSION_MMAP_THRESHOLD: Optional[int] = 1 << 20
+#: set to "1" in the environment: trace a SwinUNETR whole, as before session 13 (:func:`_to_openvino`)
+TRACE_WHOLE = "SWINUNETR_SEGMENT_TRACE_WHOLE"
 GAIN_BFLOAT16 = 0.40
 GAIN_FLOAT32 = 0.40
 
@@ -195,12 +197,7 @@ def convert(network, roi_size: Sequence[int], key: str, in_channels: int = 1) ->
             # Tracing warns about every Python branch on a shape; the shape is fixed here
             # (SwinUNETR's window partition reshapes by constants), so they say nothing.
             warnings.simplefilter("ignore")
-            # Traced here rather than by convert_model, which calls torch.jit.trace with its
-            # default check_trace=True: two more forward passes to compare, 42 s instead of
-            # 12 s at feature size 48 for a bit-identical IR (benchmarks/README.md, session 8).
-            traced = torch.jit.freeze(torch.jit.trace(network, example, strict=False, check_trace=False))
-            model = ov.convert_model(traced, example_input=example, input=[ov.PartialShape(list(example.shape))])
-            del traced
+            model = _to_openvino(network, example)
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         _apply_umask(tmp)
         try:
@@ -212,6 +209,102 @@ def convert(network, roi_size: Sequence[int], key: str, in_channels: int = 1) ->
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted the network for OpenVINO in %.1f s (%s)", time.perf_counter() - t, final)
     return final / "model.xml"
+
+
+def _traced(module, example: tuple, shapes: Sequence[Sequence[int]]):
+    """``module`` traced on ``example`` (a tuple of inputs) and converted for inputs of
+    ``shapes``. Traced here rather than by convert_model, which calls torch.jit.trace with its
+    default check_trace=True: two more forward passes to compare, 42 s instead of 12 s at
+    feature size 48 for a bit-identical IR (benchmarks/README.md, session 8)."""
+    import openvino as ov
+    import torch
+
+    traced = torch.jit.freeze(torch.jit.trace(module, example, strict=False, check_trace=False))
+    return ov.convert_model(traced, example_input=example, input=[ov.PartialShape(list(s)) for s in shapes])
+
+
+def _swinunetr_parts(net):
+    """MONAI ``SwinUNETR.forward`` cut in two at ``dec0``, the decoder's output at half
+    resolution (see :func:`_to_openvino`): the body (the Swin transformer, whose window sizes,
+    shifts and masks follow the grid, and the decoder down to ``dec0``), and the head
+    (``encoder1`` on the input, ``decoder1`` and the output block: full-resolution
+    convolutions, normalisations and a concatenation, whose traced graph holds no size).
+    Written out because MONAI's forward has no way to stop at ``dec0``; the test that
+    compares the two-part conversion with PyTorch's output catches a MONAI forward that
+    changes."""
+    import torch
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x_in):
+            n = self.net
+            hidden = n.swinViT(x_in, n.normalize)
+            enc1 = n.encoder2(hidden[0])
+            enc2 = n.encoder3(hidden[1])
+            enc3 = n.encoder4(hidden[2])
+            dec3 = n.decoder5(n.encoder10(hidden[4]), hidden[3])
+            return n.decoder2(n.decoder3(n.decoder4(dec3, enc3), enc2), enc1)
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x_in, dec0):
+            n = self.net
+            return n.out(n.decoder1(dec0, n.encoder1(x_in)))
+
+    return Body().eval(), Head().eval()
+
+
+def _to_openvino(network, example):
+    """``network`` as an OpenVINO model for inputs shaped like ``example``.
+
+    Tracing runs the network forward once, and a SwinUNETR's full-resolution blocks
+    (``encoder1`` and ``decoder1``, 48 channels of 96^3 in float32 at feature size 48 are
+    170 MB a tensor) held 1.5 GB of the trace's 2.2-GB peak. So a MONAI SwinUNETR whose
+    forward is MONAI's own is traced in two parts: the body (the Swin transformer and the
+    decoder down to ``dec0``) on the whole window, and the full-resolution head on a 32^3
+    grid; then the head's inputs are wired to the body's input and output, with OpenVINO's
+    graph API, as one model. The IR is the one-piece trace's byte for byte (the weights file)
+    and gives the same outputs bit for bit; the conversion's peak is 1.2 GB instead of 2.2
+    at feature size 48, and it traces in half the time (benchmarks/README.md, session 13).
+    Any other network is traced whole, and so is a SwinUNETR whose two-part conversion fails,
+    or any network where ``SWINUNETR_SEGMENT_TRACE_WHOLE=1`` is set (what the conversion did
+    until session 13; ``benchmarks/bench_conversion.py``'s ``child-whole``)."""
+    from monai.networks.nets.swin_unetr import SwinUNETR
+
+    if type(network).forward is SwinUNETR.forward and os.environ.get(TRACE_WHOLE) != "1":
+        try:
+            return _swinunetr_in_two_parts(network, example)
+        except Exception as exc:  # OpenVINO's frontends raise many types; the whole trace still works
+            log.warning("converting the network in two parts failed (%s); tracing it whole",
+                        " ".join(str(exc).split())[:200])
+    return _traced(network, (example,), [example.shape])
+
+
+def _swinunetr_in_two_parts(network, example):
+    """:func:`_to_openvino` for a MONAI SwinUNETR: the body traced on ``example``, the head
+    on a small grid, wired into one model."""
+    import openvino as ov
+    import torch
+
+    body_part, head_part = _swinunetr_parts(network)
+    body = _traced(body_part, (example,), [example.shape])
+    (x_in,) = body.get_parameters()
+    dec0 = body.get_results()[0].input_value(0)
+    small = (torch.zeros(example.shape[:2] + (32,) * (example.dim() - 2)),
+             torch.zeros(tuple(dec0.get_shape()[:2]) + (16,) * (example.dim() - 2)))
+    head = _traced(head_part, small, [example.shape, list(dec0.get_shape())])
+    for parameter, source in zip(head.get_parameters(), (x_in.output(0), dec0)):
+        for target in list(parameter.output(0).get_target_inputs()):
+            target.replace_source_output(source)
+    model = ov.Model(head.get_results(), [x_in], "swinunetr")
+    model.validate_nodes_and_infer_types()
+    return model
 
 
 def _remove_leftovers(root: Path) -> None:
