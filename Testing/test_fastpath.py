@@ -11,6 +11,7 @@ geometry stays exact on every test grid.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -642,3 +643,17 @@ def test_benchmark_quick_runs():
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "reference" in out.stdout and "engine" in out.stdout
+
+
+@pytest.mark.benchmark
+def test_the_prepared_gpu_benchmark_runs_its_steps_on_the_cpu(tmp_path):
+    """benchmarks/bench_gpu.py, the command a session with a lent GPU runs first (issue 16, item 5),
+    goes through its steps on the CPU (--dry-run): the three pipelines, then the ladder's table."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    out = subprocess.run([sys.executable, str(bench), "--dry-run", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=3600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(report["bench"]["results"][0]["pipelines"]) >= {"reference", "engine", "exact"}
+    assert report["ladder"][0]["cap_mb"] is None and report["ladder"][0]["labels_equal_to_uncapped"] == 1.0
+    assert "| none |" in (tmp_path / "gpu.md").read_text()

@@ -137,8 +137,11 @@ def worker(args) -> None:
         read = time.perf_counter() - t0
         seg = Segmenter(card, args.checkpoint, device=args.device, fast=fast, overlap=overlap)
         with TreeMemory() as tree:
-            res = seg.segment(vol)
+            # an in-run conversion is a note within "inference"; its own row here
+            res = seg.segment(vol, progress=lambda p: setattr(
+                tree, "stage", "converting" if (p.message or "").startswith("converting") else p.stage))
         result["tree_peak_rss_mb"] = tree.peak_mb
+        result["stage_peaks_mb"] = tree.by_stage
         timings = {"read": read, **{k: v for k, v in res.timings.items() if k != "total"}}
         timings["total"] = time.perf_counter() - t0
         labels, affine = res.labels.array, res.labels.ijk_to_ras
@@ -165,12 +168,15 @@ def worker(args) -> None:
 class TreeMemory:
     """The peak of this process's resident memory plus its children's, sampled every 20 ms
     (Linux ``/proc``; ``peak_mb`` stays None elsewhere): an in-run conversion runs in a child
-    process, whose memory ``os.wait4``'s ``ru_maxrss`` reports as a maximum, not a sum."""
+    process, whose memory ``os.wait4``'s ``ru_maxrss`` reports as a maximum, not a sum.
+    ``by_stage``: the same peak per value of ``stage``, which the caller sets as a run goes
+    (the engine's progress stages: ``--stages``)."""
 
     def __init__(self):
         import threading
 
         self.peak_mb, self._stop = None, threading.Event()
+        self.stage, self.by_stage = None, {}
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     @staticmethod
@@ -201,6 +207,8 @@ class TreeMemory:
                 total += self._rss_kb(pid)
                 todo += self._children(pid)
             self.peak_mb = max(self.peak_mb or 0, total / 1024)
+            if self.stage is not None:
+                self.by_stage[self.stage] = max(self.by_stage.get(self.stage, 0), round(total / 1024))
             self._stop.wait(0.02)
 
     def __enter__(self):
@@ -377,6 +385,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--warm", action="store_true", help="engine: segment the same volume twice in one process, report the second"
     )
+    p.add_argument("--stages", action="store_true",
+                   help="engine: print each run's peak resident memory by stage of the run (sampled every 20 ms)")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--keep", default=None, help="keep the label maps in this folder")
     # child mode
@@ -432,6 +442,9 @@ def main(argv=None) -> int:
                         f"peak RSS {res['peak_rss_mb']:.0f} MB",
                         flush=True,
                     )
+                    if args.stages and res.get("stage_peaks_mb"):
+                        print("               peak RSS by stage (engine + children, MB): "
+                              + ", ".join(f"{k} {v}" for k, v in res["stage_peaks_mb"].items()), flush=True)
             report = summarize(name, inp, runs, card, args)
             all_results.append(report)
             if args.keep:

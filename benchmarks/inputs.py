@@ -37,6 +37,8 @@ def cache_dir() -> Path:
 
 
 def _example_ct() -> Path:
+    if os.environ.get("SWINUNETR_BENCH_EXAMPLE_CT"):  # a copy carried to a machine without network (bench_gpu.py)
+        return Path(os.environ["SWINUNETR_BENCH_EXAMPLE_CT"])
     from SwinUNETRSegmentLib.fileio.sampledata import reference_files
 
     test_cache = os.environ.get("SWINUNETR_TEST_CACHE", str(Path.home() / ".cache" / "swinunetr-segment-tests"))
