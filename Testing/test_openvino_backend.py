@@ -225,8 +225,8 @@ def test_a_swinunetr_converted_in_two_parts_is_the_whole_trace_bit_for_bit(windo
 
 
 def test_a_two_part_conversion_that_fails_traces_the_network_whole(monkeypatch, caplog):
-    """A MONAI whose SwinUNETR no longer cuts at ``dec0`` (here: the two-part path raises)
-    still converts, traced whole, and says so in the log; so does a run asked to trace whole."""
+    """A SwinUNETR whose two-part conversion raises still converts, traced whole, and says so in
+    the log; so does one of a MONAI whose forward reads otherwise, and a run asked to trace whole."""
     import torch
 
     from SwinUNETRSegmentLib.models.checkpoint import load_model
@@ -245,10 +245,23 @@ def test_a_two_part_conversion_that_fails_traces_the_network_whole(monkeypatch, 
     assert model.get_friendly_name() != "swinunetr" and list(model.output(0).get_shape()) == [1, 14, 64, 64, 64]
     assert "converting the network in two parts failed ('SwinUNETR' object has no attribute" in caplog.text
     monkeypatch.setattr(openvino_backend, "_swinunetr_in_two_parts", lambda *a: pytest.fail("traced in two parts"))
-    monkeypatch.setenv(openvino_backend.TRACE_WHOLE, "1")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert openvino_backend._to_openvino(network, x).get_friendly_name() != "swinunetr"
+    for name, value in (("SWINUNETR_FORWARDS", frozenset()), ("TRACE_WHOLE", None)):  # another MONAI; asked to
+        with monkeypatch.context() as m, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if value is None:
+                m.setenv(openvino_backend.TRACE_WHOLE, "1")
+            else:
+                m.setattr(openvino_backend, name, value)
+            assert openvino_backend._to_openvino(network, x).get_friendly_name() != "swinunetr"
+
+
+def test_the_two_part_conversion_follows_this_monais_swinunetr_forward():
+    """The body and head were written from MONAI 1.6.1's SwinUNETR.forward: another MONAI whose
+    forward reads otherwise is traced whole; this one's must be the one followed, or the
+    two-part conversion (and the memory it saves) silently stops being used."""
+    from monai.networks.nets.swin_unetr import SwinUNETR
+
+    assert openvino_backend._forward_is_known(SwinUNETR)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads this process's resident memory (Linux)")
@@ -371,8 +384,8 @@ def test_the_in_run_conversion_pays_where_it_was_measured_to():
     def after_first_call(seconds_per_window, gain, windows=48, parameters=62_000_000):
         w = openvino_backend.ConvertWhenItPays(None, windows, openvino_backend.conversion_seconds(parameters), gain)
         w.probed = seconds_per_window  # a probe ran: the first window's call is warm
-        w.torch_windows = w.torch_calls = 1
-        w.torch_seconds = w.last_seconds = seconds_per_window
+        w.torch_windows = w.torch_calls = w.warm_windows = 1
+        w.torch_seconds = w.warm_seconds = seconds_per_window
         return w.pays()
 
     assert after_first_call(3.3, openvino_backend.GAIN_BFLOAT16)
@@ -382,12 +395,11 @@ def test_the_in_run_conversion_pays_where_it_was_measured_to():
     assert not after_first_call(7.0, openvino_backend.GAIN_FLOAT32, windows=2)  # nothing left to win
 
 
-def test_the_in_run_rule_waits_out_the_first_calls_warm_up_and_decides_on_the_latest_call(monkeypatch):
-    """Where no probe ran (windows of 64^3 or less, the demo's), the run's first call carries
-    the network's warm-up: it does not decide, however slow; from the second call on, the
-    latest call's time does, so one slow warm-up call neither converts a short run nor keeps
-    a run slow."""
-    calls = iter([0.61, 0.40, 0.40, 9.0])  # seconds per call: a warm-up, warm calls, a slow patch
+def test_the_in_run_rule_leaves_out_the_first_calls_warm_up_and_decides_on_the_warm_calls(monkeypatch):
+    """Where no probe ran (windows of 64^3 or less, the demo's) or the probe failed, the run's
+    first call carries the network's warm-up: it is left out, however slow, and the warm
+    calls' mean decides; after a probe that ran, the first window's call is warm and counts."""
+    calls = iter([30.0, 0.4, 0.4, 0.4, 6.0, 6.0])  # seconds per call: a warm-up, warm calls, a slow patch
     clock = {"t": 0.0}
     monkeypatch.setattr(openvino_backend.time, "perf_counter", lambda: clock["t"])
 
@@ -398,19 +410,23 @@ def test_the_in_run_rule_waits_out_the_first_calls_warm_up_and_decides_on_the_la
     one = np.zeros((1, 1, 4, 4, 4), np.float32)
     w = openvino_backend.ConvertWhenItPays(network, 30, 20.0, 0.5)  # pays above 30 s saved (20 x 1.5)
     assert not w.pays()
-    for _ in range(3):
+    for _ in range(5):  # 29 left x 30 s x 0.5 = 435 s would have converted after the warm-up
         w(one)
-    assert w.last_seconds == pytest.approx(0.40) and w.torch_calls == 3
+    assert w.warm_windows == 4 and w.warm_seconds == pytest.approx(7.2) and w.torch_calls == 5
     with pytest.raises(openvino_backend.ConversionPays) as raised:
-        w(one)  # 26 left x 9 s x 0.5 = 117 s saved
-    assert raised.value.torch_windows == 4
+        w(one)  # 24 left x (13.2 s / 5) x 0.5 = 31.7 s saved
+    assert raised.value.torch_windows == 6
 
-    slow_start = openvino_backend.ConvertWhenItPays(network, 30, 20.0, 0.5)
-    slow_start.torch_windows = slow_start.torch_calls = 1
-    slow_start.torch_seconds = slow_start.last_seconds = 9.0  # a first call this slow would pay...
-    assert not slow_start.pays()  # ...but it carries the warm-up, and no probe ran before it
-    slow_start.probed = 9.0
-    assert slow_start.pays()  # after a probe, the first window's call is warm and decides
+    for probed, decides in ((None, False), (0.0, False), (9.0, True)):  # no probe, a failed one, one that ran
+        calls = iter([9.0])
+        first = openvino_backend.ConvertWhenItPays(network, 30, 20.0, 0.5)
+        first.probed = probed
+        if decides:
+            with pytest.raises(openvino_backend.ConversionPays):
+                first(one)  # 29 left x 9 s x 0.5 = 130 s saved
+        else:
+            first(one)
+            assert first.torch_windows == 1 and first.warm_windows == 0
 
 
 def test_a_probe_window_scaled_by_a_windows_voxels_decides_before_the_first_window(monkeypatch):

@@ -9,13 +9,14 @@ compiles the result and runs one window, and reports:
 * the peak of the engine process plus its children, sampled every 20 ms (a conversion in
   a child stacks on the engine's memory while it runs).
 
-Ways: ``in-process`` (``openvino_backend.convert_checkpoint`` called by the engine, what
-the engine did until session 9), ``child-dynamic`` (``Conversion.convert``: the conversion in a
-child process on glibc's dynamic mmap threshold, sessions 9 to 11), ``child-whole`` (the same on a
-fixed 1 MiB threshold, ``openvino_backend.CONVERSION_MMAP_THRESHOLD``, session 12) and ``child``
-(the same with a SwinUNETR traced in two parts, its full-resolution head on a small grid,
-``openvino_backend._to_openvino``: what it does now). ``child-dynamic`` and ``child-whole`` trace the
-network whole.
+Ways: ``in-process`` (``openvino_backend.convert_checkpoint`` called by the engine, as the
+engine did until session 9, but with today's trace in two parts), ``child-dynamic``
+(``Conversion.convert``: the conversion in a child process on glibc's dynamic mmap threshold,
+sessions 9 to 11), ``child-whole`` (the same on a fixed 1 MiB threshold,
+``openvino_backend.CONVERSION_MMAP_THRESHOLD``, session 12) and ``child`` (the same with a
+SwinUNETR traced in two parts, its full-resolution head on a small grid,
+``openvino_backend._to_openvino``: what it does now). ``child-dynamic`` and ``child-whole``
+trace the network whole.
 Interleaved, ``--repeats`` times each; ``--ways`` picks some.
 
     ./dev python benchmarks/bench_conversion.py                      # feature size 48, 96^3

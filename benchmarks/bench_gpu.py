@@ -13,8 +13,11 @@ Then, on the device (its ``run`` tool, ``carry: [".gpu-bench"]``, ``timeout_s`` 
 
     sh benchmarks/bench_gpu.sh
 
-which installs the wheels into /tmp/site and runs this script, writing ``$OUT/gpu.md`` (a
-table for benchmarks/README.md, with the date and the device) and ``$OUT/gpu.json``. Here,
+which installs the wheels into /tmp/site and runs this script, writing ``$OUT/bench.log`` as
+it goes, and ``$OUT/gpu.md`` (a table for benchmarks/README.md, with the date and the device)
+and ``$OUT/gpu.json`` after each step and each rung, so that a run stopped at the call's limit
+keeps what it measured. Where both steps do not fit one call, ``sh benchmarks/bench_gpu.sh
+--step bench`` then ``--step ladder`` (or ``--repeats 1``). Here,
 without a GPU, the same steps on the CPU with a small input and model check the script::
 
     ./dev python benchmarks/bench_gpu.py --dry-run
@@ -24,8 +27,8 @@ Steps on the device:
 1. ``bench_cpu.py --device cuda --inputs clinical --feature-size 48 --pipelines
    reference,engine,exact`` (three repetitions, interleaved): end to end, peak GPU memory,
    and each pipeline's Dice against the reference; ``engine`` is the default (float16
-   autocast on CUDA), ``exact`` float32, so ``engine`` against ``exact`` is float16 against
-   float32.
+   autocast on CUDA), ``exact`` float32, and their label maps are compared with each other:
+   float16 against float32.
 2. The out-of-memory ladder (``devices.inference_plans``: stitching on the GPU, then on the
    CPU, then the window batch halved down to one), each rung forced once: the engine run in
    this process under ``torch.cuda.set_per_process_memory_fraction`` caps below the
@@ -81,8 +84,10 @@ def _labels(result):
     return np.asarray(result.labels.array)
 
 
-def ladder(device: str, card_path: Path, checkpoint: Path, input_path: Path, log_lines: list) -> list[dict]:
-    """The out-of-memory ladder forced rung by rung (module docstring, step 2)."""
+def ladder(device: str, card_path: Path, checkpoint: Path, input_path: Path, log_lines: list,
+           on_row=None) -> list[dict]:
+    """The out-of-memory ladder forced rung by rung (module docstring, step 2); ``on_row(row)``
+    after each rung, so that a run stopped at its time limit keeps what it measured."""
     import numpy as np
     import torch
 
@@ -96,7 +101,11 @@ def ladder(device: str, card_path: Path, checkpoint: Path, input_path: Path, log
             log_lines.append(record.getMessage())
 
     handler = Catch(level=logging.WARNING)
-    logging.getLogger("SwinUNETRSegmentLib").addHandler(handler)
+    # the engine's ladder logs under SwinUNETRSegmentLib; MONAI's adaptive inferer logs its own
+    # first rung (GPU stitching to CPU stitching) under a logger that does not propagate
+    loggers = [logging.getLogger("SwinUNETRSegmentLib"), logging.getLogger("monai.inferers.inferer")]
+    for logger in loggers:
+        logger.addHandler(handler)
     card = load_card(card_path)
     vol, _ = read_volume(input_path)
     seg = Segmenter(card, checkpoint, device=device)  # one model, kept warm, as the service keeps it
@@ -120,7 +129,9 @@ def ladder(device: str, card_path: Path, checkpoint: Path, input_path: Path, log
             row.update(seconds=round(time.perf_counter() - t, 2),
                        error=f"NOT A ONE-LINE ERROR: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
         row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
-        row["fallbacks"] = [m for m in log_lines[first:] if "out of GPU memory" in m]
+        row["fallbacks"] = [m for m in log_lines[first:] if "out of GPU memory" in m or "stitching failed" in m]
+        if on_row is not None:
+            on_row({k: v for k, v in row.items() if k != "labels"})
         return row
 
     seg.segment(vol)  # warm-up: model on the GPU, kernels chosen
@@ -135,19 +146,36 @@ def ladder(device: str, card_path: Path, checkpoint: Path, input_path: Path, log
     if cuda:
         rows.append(run(int(model_mb * 0.5 * 2**20)))
         torch.cuda.set_per_process_memory_fraction(1.0)
-    uncapped = base["labels"]
+    uncapped = base.get("labels")
     for row in rows:
         labels = row.pop("labels", None)
-        if labels is not None:
+        if labels is not None and uncapped is not None:
             row["labels_equal_to_uncapped"] = float(np.mean(labels == uncapped))
-    logging.getLogger("SwinUNETRSegmentLib").removeHandler(handler)
+    for logger in loggers:
+        logger.removeHandler(handler)
     return rows
+
+
+def agreement(keep: Path, inp: str, card_path: Path) -> dict:
+    """The default engine's labels (float16 autocast on CUDA) against float32's (``exact``):
+    the share of equal voxels and the mean Dice over the organs either holds."""
+    import numpy as np
+
+    from SwinUNETRSegmentLib.models.cards import load_card
+    from SwinUNETRSegmentLib.training.metrics import dice_per_label
+
+    half, full = (np.load(keep / f"{inp}-{pl}.npy") for pl in ("engine", "exact"))
+    dice = dice_per_label(half, full, load_card(card_path).labels)
+    return {"equal_voxels": float(np.mean(half == full)), "mean_dice": float(np.mean(list(dice.values()))),
+            "worst": min(dice.items(), key=lambda kv: kv[1]) if dice else None}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepare", action="store_true", help="here: fill .gpu-bench/ with the wheels and the example CT")
     p.add_argument("--dry-run", action="store_true", help="here, without a GPU: the same steps on the CPU, small")
+    p.add_argument("--step", choices=("all", "bench", "ladder"), default="all",
+                   help="both steps (default), or one: two device calls where one would run out of time")
     p.add_argument("--out", default=os.environ.get("OUT", str(REPO / "out" / "gpu")), help="where gpu.md/json go")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
@@ -158,6 +186,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(os.environ.get("SWINUNETR_BENCH_CACHE", "/tmp/swinunetr-gpu-bench"))
     os.environ["SWINUNETR_BENCH_CACHE"] = str(cache)
+    # the engine's catalog (a conversion, on the CPU) in a folder of the benchmark's, not the user's
+    os.environ["SWINUNETR_SEGMENT_HOME"] = str(cache / "home")
     if (PREPARED / "example_ct.nii.gz").exists():
         os.environ.setdefault("SWINUNETR_BENCH_EXAMPLE_CT", str(PREPARED / "example_ct.nii.gz"))
     import torch
@@ -178,29 +208,52 @@ def main(argv=None) -> int:
     input_path = make_input(inp, cache)
     card_path, checkpoint = random_checkpoint(fs, cache)
     print(f"inputs made in {time.perf_counter() - t:.1f} s", flush=True)
+    report: dict = {"header": header}
+    lines = [f"GPU benchmark: {header}", ""]
 
-    bench_json = out / "bench.json"
-    cmd = [sys.executable, str(HERE / "bench_cpu.py"), "--device", device, "--inputs", inp, "--feature-size", str(fs),
-           "--repeats", str(repeats), "--pipelines", "reference,engine,exact", "--json", str(bench_json)]
-    bench = subprocess.run(cmd, capture_output=True, text=True)
-    (out / "bench.log").write_text(bench.stdout + bench.stderr)
-    print(bench.stdout[-6000:], flush=True)
-    if bench.returncode != 0:
-        print(bench.stderr[-4000:])
-        return 1
+    def save() -> None:  # after each step and rung: what a run stopped at its limit measured stays in $OUT
+        (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "gpu.md").write_text("\n".join(lines) + "\n")
 
-    log_lines: list[str] = []
-    rows = ladder(device, card_path, checkpoint, input_path, log_lines)
-    report = {"header": header, "bench": json.loads(bench_json.read_text()), "ladder": rows}
-    (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
-    lines = [f"GPU benchmark: {header}", "", "Out-of-memory ladder (the engine, this process, capped):", "",
-             "| cap | seconds | peak GPU MB | fallbacks logged | labels = uncapped | error |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        cap = "none" if r["cap_mb"] is None else f"{r['cap_mb']} MB"
-        lines.append(f"| {cap} | {r['seconds']} | {r['peak_gpu_mb']} | {'; '.join(r['fallbacks']) or '-'} | "
-                     f"{r.get('labels_equal_to_uncapped', '-')} | {r.get('error', '-')} |")
-    (out / "gpu.md").write_text("\n".join(lines) + "\n")
+    if args.step in ("all", "bench"):
+        keep = cache / "labels"
+        cmd = [sys.executable, str(HERE / "bench_cpu.py"), "--device", device, "--inputs", inp, "--feature-size",
+               str(fs), "--repeats", str(repeats), "--pipelines", "reference,engine,exact", "--json",
+               str(out / "bench.json"), "--keep", str(keep)]
+        with open(out / "bench.log", "w") as log_file:  # written as it runs, not at the end
+            bench = subprocess.run(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+        text = (out / "bench.log").read_text()
+        print(text[-6000:], flush=True)
+        if bench.returncode != 0:
+            return 1
+        report["bench"] = json.loads((out / "bench.json").read_text())
+        report["float16_against_float32"] = agreement(keep, inp, card_path)
+        a = report["float16_against_float32"]
+        lines += ["```", *[ln for ln in text.splitlines() if ln.strip()][-12:], "```", "",
+                  f"engine (float16 autocast) against exact (float32): {a['equal_voxels']:.6f} of the voxels equal, "
+                  f"mean Dice {a['mean_dice']:.4f}, lowest {a['worst']}", ""]
+        save()
+    if args.step in ("all", "ladder"):
+        lines += ["Out-of-memory ladder (the engine, this process, capped):", "",
+                  "| cap | seconds | peak GPU MB | fallbacks logged | labels = uncapped | error |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        report["ladder"] = []
+
+        def on_row(row: dict) -> None:
+            report["ladder"].append(row)
+            cap = "none" if row["cap_mb"] is None else f"{row['cap_mb']} MB"
+            lines.append(f"| {cap} | {row['seconds']} | {row['peak_gpu_mb']} | {'; '.join(row['fallbacks']) or '-'} "
+                         f"| {row.get('labels_equal_to_uncapped', '-')} | {row.get('error', '-')} |")
+            save()
+            print(lines[-1], flush=True)
+
+        rows = ladder(device, card_path, checkpoint, input_path, [], on_row)
+        report["ladder"] = rows  # now with each rung's labels against the uncapped run's
+        for n, row in enumerate(rows):
+            lines[len(lines) - len(rows) + n] = (
+                lines[len(lines) - len(rows) + n].rsplit("|", 3)[0]
+                + f"| {row.get('labels_equal_to_uncapped', '-')} | {row.get('error', '-')} |")
+        save()
     print("\n".join(lines))
     return 0
 

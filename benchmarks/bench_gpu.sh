@@ -6,4 +6,4 @@ test -d .gpu-bench/wheels || { echo ".gpu-bench/ is missing: run ./dev python be
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu-bench/wheels/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 benchmarks/bench_gpu.py --out "${OUT:-out/gpu}"
+python3 benchmarks/bench_gpu.py --out "${OUT:-out/gpu}" "$@"

@@ -442,11 +442,13 @@ class Segmenter:
         elif self.openvino.may_convert_in_run(self.device, fast):
             windows_left = total - len(prepared.air_starts)
             net = openvino_backend.ConvertWhenItPays(net, windows_left, *self._conversion_estimate())
+        # the air window's one call is none of the windows the conversion's rule counts and times
+        air_net = net.torch_network if isinstance(net, openvino_backend.ConvertWhenItPays) else net
         predictor = WindowPredictor(
             net,
             dtype,
             prepared.air_starts,
-            lambda: self._air_output(net, dtype, stats["backend"]),
+            lambda: self._air_output(air_net, dtype, stats["backend"]),
             check_cancel,
             lambda done: tracker.windows(done, total),
         )

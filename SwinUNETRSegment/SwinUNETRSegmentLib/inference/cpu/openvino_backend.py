@@ -83,6 +83,10 @@ CONVERT_TIMEOUT_S = 3600.0
 CONVERSION_MMAP_THRESHOLD: Optional[int] = 1 << 20
 #: set to "1" in the environment: trace a SwinUNETR whole, as before session 13 (:func:`_to_openvino`)
 TRACE_WHOLE = "SWINUNETR_SEGMENT_TRACE_WHOLE"
+#: SHA256 of the source of MONAI's ``SwinUNETR.forward`` that :func:`_swinunetr_parts` follows
+#: (MONAI 1.6.1): a MONAI whose forward reads otherwise is traced whole, since a body and head
+#: that no longer add up to its forward would convert without an error and give other outputs
+SWINUNETR_FORWARDS = frozenset({"5b266744f11fa9c423a58ae09ff864fd56c0a48bc967eabd1324a90026ad8653"})
 GAIN_BFLOAT16 = 0.40
 GAIN_FLOAT32 = 0.40
 
@@ -273,17 +277,34 @@ def _to_openvino(network, example):
     and gives the same outputs bit for bit; the conversion's peak is 1.2 GB instead of 2.2
     at feature size 48, and it traces in half the time (benchmarks/README.md, session 13).
     Any other network is traced whole, and so is a SwinUNETR whose two-part conversion fails,
+    one of a MONAI whose forward is not the one followed here (:data:`SWINUNETR_FORWARDS`),
     or any network where ``SWINUNETR_SEGMENT_TRACE_WHOLE=1`` is set (what the conversion did
     until session 13; ``benchmarks/bench_conversion.py``'s ``child-whole``)."""
     from monai.networks.nets.swin_unetr import SwinUNETR
 
-    if type(network).forward is SwinUNETR.forward and os.environ.get(TRACE_WHOLE) != "1":
+    if type(network).forward is not SwinUNETR.forward or os.environ.get(TRACE_WHOLE) == "1":
+        pass
+    elif not _forward_is_known(SwinUNETR):
+        log.info("this MONAI's SwinUNETR.forward is not the one the two-part conversion follows; tracing it whole")
+    else:
         try:
             return _swinunetr_in_two_parts(network, example)
         except Exception as exc:  # OpenVINO's frontends raise many types; the whole trace still works
             log.warning("converting the network in two parts failed (%s); tracing it whole",
                         " ".join(str(exc).split())[:200])
     return _traced(network, (example,), [example.shape])
+
+
+def _forward_is_known(cls) -> bool:
+    """Whether ``cls.forward``'s source is one of :data:`SWINUNETR_FORWARDS`."""
+    import inspect
+    import textwrap
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls.forward))
+    except (OSError, TypeError):  # no source shipped
+        return False
+    return hashlib.sha256(source.encode()).hexdigest() in SWINUNETR_FORWARDS
 
 
 def _swinunetr_in_two_parts(network, example):
@@ -296,8 +317,11 @@ def _swinunetr_in_two_parts(network, example):
     body = _traced(body_part, (example,), [example.shape])
     (x_in,) = body.get_parameters()
     dec0 = body.get_results()[0].input_value(0)
-    small = (torch.zeros(example.shape[:2] + (32,) * (example.dim() - 2)),
-             torch.zeros(tuple(dec0.get_shape()[:2]) + (16,) * (example.dim() - 2)))
+    # the head's inputs on a small grid, in the window's proportion of input to dec0 (2)
+    spatial = example.dim() - 2
+    factor = int(example.shape[2]) // int(dec0.get_shape()[2])
+    small = (torch.zeros(tuple(example.shape[:2]) + (16 * factor,) * spatial),
+             torch.zeros(tuple(dec0.get_shape()[:2]) + (16,) * spatial))
     head = _traced(head_part, small, [example.shape, list(dec0.get_shape())])
     for parameter, source in zip(head.get_parameters(), (x_in.output(0), dec0)):
         for target in list(parameter.output(0).get_target_inputs()):
@@ -642,7 +666,7 @@ class ConversionPays(Exception):
 
 class ConvertWhenItPays:
     """The PyTorch network of an "auto" run whose checkpoint is not converted yet, called
-    like it: after each call (from the second on where no :meth:`probe` ran, :meth:`pays`)
+    like it: after each call (from the second on where no :meth:`probe` ran: :meth:`pays`)
     it estimates the time the windows left would take on PyTorch and, once ``gain`` of that
     exceeds ``cost_s`` times :data:`CONVERT_MARGIN`, raises :class:`ConversionPays`.
 
@@ -668,7 +692,8 @@ class ConvertWhenItPays:
         self.torch_network, self.windows_left = torch_network, int(windows_left)
         self.cost_s, self.gain = float(cost_s), float(gain)
         self.torch_windows, self.torch_seconds = 0, 0.0
-        self.torch_calls, self.last_seconds = 0, 0.0  # calls made; the latest call's seconds per window
+        self.torch_calls = 0
+        self.warm_seconds, self.warm_windows = 0.0, 0  # the calls after the warm-up (:meth:`pays`)
         self.probed: Optional[float] = None
 
     def probe(self, roi_size: Sequence[int], in_channels: int, dtype, device) -> None:
@@ -704,25 +729,28 @@ class ConvertWhenItPays:
             raise ConversionPays(0)
 
     def pays(self) -> bool:
-        """Whether the windows left, at the latest call's seconds per window, pay for the
-        conversion. Not after a run's first call where no probe ran before it: that call is
+        """Whether the windows left, at the warm calls' mean seconds per window, pay for the
+        conversion. Where no probe ran before it (or the probe failed), a run's first call is
         the network's first in the process and carries its warm-up (feature size 12 at 64^3,
         the demo's windows: 0.61 s against 0.40 s for later calls, more than
-        :data:`CONVERT_MARGIN` covers), so a run of short windows would convert where that
-        barely pays. From the second call on, the latest call's time is the warm one."""
+        :data:`CONVERT_MARGIN` covers), so it is left out and nothing is decided on it alone;
+        a run of short windows would otherwise convert where that barely pays."""
         left = self.windows_left - self.torch_windows
-        if left <= 0 or self.torch_windows == 0 or (self.probed is None and self.torch_calls < 2):
+        if left <= 0 or self.warm_windows == 0:
             return False
-        return saving_pays(left * self.last_seconds, self.cost_s, self.gain)
+        return saving_pays(left * self.warm_seconds / self.warm_windows, self.cost_s, self.gain)
 
     def __call__(self, batch):
         t = time.perf_counter()
         out = self.torch_network(batch)
         seconds = time.perf_counter() - t
+        windows = int(batch.shape[0])
         self.torch_seconds += seconds
-        self.torch_windows += int(batch.shape[0])
+        self.torch_windows += windows
         self.torch_calls += 1
-        self.last_seconds = seconds / max(1, int(batch.shape[0]))
+        if self.probed or self.torch_calls > 1:  # a probe that ran warmed the network up
+            self.warm_seconds += seconds
+            self.warm_windows += windows
         if self.pays():
             raise ConversionPays(self.torch_windows)
         return out
