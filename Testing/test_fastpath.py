@@ -659,3 +659,31 @@ def test_the_prepared_gpu_benchmark_runs_its_steps_on_the_cpu(tmp_path):
     assert report["ladder"][0]["cap_mb"] is None and "error" not in report["ladder"][0]
     text = (tmp_path / "gpu.md").read_text()
     assert "| none |" in text and "against exact (float32)" in text
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=[g[0] for g in GRIDS])
+def test_float32_resampling_keeps_the_grid_and_the_intensities_and_float32_precision_keeps_monais(grid):
+    """The fast path resamples the scan to the model's grid in float32 (FastPath.float32_resampling):
+    on every grid the model-space image has the float64 resampling's shape and affine exactly
+    and its intensities to within 1e-5 of the window (a few thousandths of a HU); precision
+    float32 (the reference's labels exactly) still resamples as MONAI's default does, in float64."""
+    from monai import transforms as T
+
+    from SwinUNETRSegmentLib.inference.preprocess import AXIS_LABELS, to_metatensor
+    from SwinUNETRSegmentLib.inference.windows import prepare
+
+    vol, _, _ = body_volume(grid)
+    card = oracle_card((1.5, 1.5, 2.0))
+    base = FastPath(skip_air=False)
+    fast = prepare(card, vol, base, 0.25)
+    exact = prepare(card, vol, base.but(precision="float32"), 0.25)
+    assert tuple(fast.image.shape) == tuple(exact.image.shape)
+    np.testing.assert_array_equal(fast.affine, exact.affine)
+    diff = np.abs(np.asarray(fast.image, np.float64) - np.asarray(exact.image, np.float64))
+    assert 0 < diff.max() < 1e-5  # float32 arithmetic did run, and changed the intensities by rounding only
+    monai = to_metatensor(vol, np.float32)
+    for t in (T.Orientation(axcodes=card.orientation, labels=AXIS_LABELS), T.Spacing(pixdim=card.spacing,
+              mode=card.interpolation), T.ScaleIntensityRange(**card.intensity)):
+        monai = t(monai)
+    np.testing.assert_array_equal(np.asarray(exact.image), np.asarray(monai))
+    np.testing.assert_array_equal(exact.affine, np.asarray(monai.affine, np.float64))

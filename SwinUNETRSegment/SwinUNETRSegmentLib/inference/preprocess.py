@@ -51,7 +51,8 @@ def to_metatensor(volume: Volume, dtype=None):
     return MetaTensor(torch.from_numpy(array)[None], affine=torch.as_tensor(volume.ijk_to_ras, dtype=torch.float64))
 
 
-def geometric_transforms(card: ModelCard, keys: Sequence[str] | None = None, label_keys: Sequence[str] = ()) -> list:
+def geometric_transforms(card: ModelCard, keys: Sequence[str] | None = None, label_keys: Sequence[str] = (),
+                         dtype=np.float64) -> list:
     """``Orientation`` and ``Spacing`` to the card's grid.
 
     Args:
@@ -59,13 +60,15 @@ def geometric_transforms(card: ModelCard, keys: Sequence[str] | None = None, lab
         keys: None for array transforms on one image; else the dictionary keys to move
             (MONAI's ``...d`` transforms).
         label_keys: those of ``keys`` that hold label maps (resampled by nearest neighbour).
+        dtype: what ``Spacing`` computes in for one image (MONAI's default, float64, or
+            float32: ``FastPath.float32_resampling``).
     """
     from monai import transforms as T
 
     if keys is None:
         return [
             T.Orientation(axcodes=card.orientation, labels=AXIS_LABELS),
-            T.Spacing(pixdim=card.spacing, mode=card.interpolation),
+            T.Spacing(pixdim=card.spacing, mode=card.interpolation, dtype=dtype),
         ]
     keys = list(keys)
     modes = ["nearest" if k in label_keys else card.interpolation for k in keys]

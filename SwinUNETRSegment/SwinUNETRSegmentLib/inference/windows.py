@@ -183,7 +183,8 @@ def prepare(card: ModelCard, volume: Volume, fast: FastPath, overlap: float) -> 
     """``volume`` in the card's model space (:mod:`.preprocess`), with its air windows and,
     when ``fast.crop_to_body``, cropped to the body's box before the intensity window."""
     img = to_metatensor(volume, np.float32)
-    for t in geometric_transforms(card):
+    dtype = np.float32 if fast.float32_resampling and fast.precision != "float32" else np.float64
+    for t in geometric_transforms(card, dtype=dtype):
         img = t(img)
     full_affine = img.affine.numpy().astype(np.float64)
     full_shape = tuple(int(s) for s in img.shape[1:])
