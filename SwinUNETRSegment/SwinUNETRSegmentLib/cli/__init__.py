@@ -55,6 +55,8 @@ def runs_on_openvino(argv: list[str]) -> bool:
             return False
         if not cpu_flags_have_bf16():
             return True  # a long run converts once that pays (40 % saved without bfloat16)
+        from SwinUNETRSegmentLib.cli.segment import _card
+
         return may_convert_in_a_run(_card(args)) or _cached_conversion(args)
     except BaseException:  # noqa: B036 - argparse exits, a bad card raises: the run itself will say so
         return False
@@ -92,14 +94,6 @@ def may_convert_in_a_run(card) -> bool:
     model (feature size 12: a 7.5-s conversion against 0.3-s windows) would need over 85
     windows, more than a 512 x 512 x 300 CT gives at its 3 mm, and keeps jemalloc."""
     return int(card.network_args.get("feature_size", 0) or 0) >= CONVERTS_FROM_FEATURE_SIZE
-
-
-def _card(args):
-    """The parsed command line's model card (no weights fetched, no checkpoint hashed)."""
-    from SwinUNETRSegmentLib.models import catalog
-    from SwinUNETRSegmentLib.models.cards import load_card
-
-    return load_card(args.card) if args.card else catalog.card_of(args.model or catalog.DEFAULT_MODEL)
 
 
 def _cached_conversion(args) -> bool:

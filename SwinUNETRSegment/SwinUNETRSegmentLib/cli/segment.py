@@ -120,6 +120,14 @@ def progress_printer(quiet: bool) -> tuple[Optional[Callable], Callable[[], None
     return callback, bar.close
 
 
+def _card(args: argparse.Namespace):
+    """The model card that the options name (no weights fetched, no checkpoint hashed)."""
+    from SwinUNETRSegmentLib.models import catalog
+    from SwinUNETRSegmentLib.models.cards import load_card
+
+    return load_card(args.card) if args.card else catalog.card_of(args.model or catalog.DEFAULT_MODEL)
+
+
 def _model(args: argparse.Namespace):
     """(card, weights) that the options name; checked before any scan is read."""
     if getattr(args, "server", None):
@@ -127,15 +135,13 @@ def _model(args: argparse.Namespace):
 
         return remote_model(args)  # the server's card; the weights are the server's
     from SwinUNETRSegmentLib.models import catalog
-    from SwinUNETRSegmentLib.models.cards import load_card
 
     if args.model and args.card:
         raise UserError("give --model NAME, or --card with --checkpoint, not both")
     if args.card and not args.checkpoint:
         raise UserError(f"--card {args.card} needs --checkpoint PATH (the weights to run under that card)")
     if args.checkpoint:
-        card = load_card(args.card) if args.card else catalog.card_of(args.model or catalog.DEFAULT_MODEL)
-        weights = Path(args.checkpoint)
+        card, weights = _card(args), Path(args.checkpoint)
     else:
         card, weights = catalog.resolve_model(args.model or catalog.DEFAULT_MODEL)
     if not Path(weights).is_file():

@@ -233,9 +233,9 @@ def _swinunetr_parts(net):
     shifts and masks follow the grid, and the decoder down to ``dec0``), and the head
     (``encoder1`` on the input, ``decoder1`` and the output block: full-resolution
     convolutions, normalisations and a concatenation, whose traced graph holds no size).
-    Written out because MONAI's forward has no way to stop at ``dec0``; the test that
-    compares the two-part conversion with PyTorch's output catches a MONAI forward that
-    changes."""
+    Written out because MONAI's forward has no way to stop at ``dec0``; it follows the forward
+    whose source :data:`SWINUNETR_FORWARDS` names, and :func:`_to_openvino` uses it for no
+    other."""
     import torch
 
     class Body(torch.nn.Module):
@@ -282,11 +282,10 @@ def _to_openvino(network, example):
     until session 13; ``benchmarks/bench_conversion.py``'s ``child-whole``)."""
     from monai.networks.nets.swin_unetr import SwinUNETR
 
-    if type(network).forward is not SwinUNETR.forward or os.environ.get(TRACE_WHOLE) == "1":
-        pass
-    elif not _forward_is_known(SwinUNETR):
-        log.info("this MONAI's SwinUNETR.forward is not the one the two-part conversion follows; tracing it whole")
-    else:
+    if type(network).forward is SwinUNETR.forward and os.environ.get(TRACE_WHOLE) != "1":
+        if not _forward_is_known(SwinUNETR):
+            log.info("this MONAI's SwinUNETR.forward is not the one the two-part conversion follows; tracing whole")
+            return _traced(network, (example,), [example.shape])
         try:
             return _swinunetr_in_two_parts(network, example)
         except Exception as exc:  # OpenVINO's frontends raise many types; the whole trace still works
@@ -691,8 +690,7 @@ class ConvertWhenItPays:
     def __init__(self, torch_network, windows_left: int, cost_s: float, gain: float):
         self.torch_network, self.windows_left = torch_network, int(windows_left)
         self.cost_s, self.gain = float(cost_s), float(gain)
-        self.torch_windows, self.torch_seconds = 0, 0.0
-        self.torch_calls = 0
+        self.torch_windows, self.torch_calls = 0, 0
         self.warm_seconds, self.warm_windows = 0.0, 0  # the calls after the warm-up (:meth:`pays`)
         self.probed: Optional[float] = None
 
@@ -745,7 +743,6 @@ class ConvertWhenItPays:
         out = self.torch_network(batch)
         seconds = time.perf_counter() - t
         windows = int(batch.shape[0])
-        self.torch_seconds += seconds
         self.torch_windows += windows
         self.torch_calls += 1
         if self.probed or self.torch_calls > 1:  # a probe that ran warmed the network up
