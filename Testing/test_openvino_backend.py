@@ -152,9 +152,9 @@ def test_an_openvino_run_holds_no_pytorch_copy_of_the_weights(home, one_window, 
     import openvino as ov
 
     events = []
-    call, release = openvino_backend.OpenVINONetwork.__call__, openvino_backend.OpenVINONetwork.release_memory
-    monkeypatch.setattr(openvino_backend.OpenVINONetwork, "__call__",
-                        lambda self, batch: events.append("window") or call(self, batch))
+    one, release = openvino_backend.OpenVINONetwork._one, openvino_backend.OpenVINONetwork.release_memory
+    monkeypatch.setattr(openvino_backend.OpenVINONetwork, "_one",
+                        lambda self, window, borrow: events.append("window") or one(self, window, borrow))
     monkeypatch.setattr(openvino_backend.OpenVINONetwork, "release_memory",
                         lambda self: events.append("release") or release(self))
     seg = _segmenter()
@@ -170,6 +170,46 @@ def test_an_openvino_run_holds_no_pytorch_copy_of_the_weights(home, one_window, 
     masks = [op.input(3).get_partial_shape() for op in model.get_ops()
              if op.get_type_name() == "ScaledDotProductAttention"]
     assert masks and all(m[0].get_length() == 1 for m in masks), masks
+
+
+def test_windows_stitched_from_openvinos_own_output_buffer_give_the_labels_of_copies(home, part_ct, monkeypatch):
+    """Memory without a cost in labels: on OpenVINO each window's logits are stitched straight
+    from OpenVINO's output buffer (no copy of a window's logits: 47 MB at feature size 48), which
+    the next window overwrites; the air windows' answer, which is kept for the whole run, is a
+    tensor of its own. The labels are a run's on copied logits, voxel for voxel, on a scan with
+    air windows between body windows."""
+    import torch
+
+    from SwinUNETRSegmentLib.geometry import Volume
+
+    padded = np.full((part_ct.shape[0] * 2,) + part_ct.shape[1:], -1000, np.int16)
+    padded[part_ct.shape[0] // 2 : part_ct.shape[0] // 2 + part_ct.shape[0]] = part_ct.array
+    m = part_ct.ijk_to_ras.copy()
+    m[:3, 3] -= m[:3, 0] * (part_ct.shape[0] // 2)
+    vol = Volume(padded, m)
+    buffers = []
+    borrow = openvino_backend.OpenVINONetwork.borrow
+    monkeypatch.setattr(openvino_backend.OpenVINONetwork, "borrow",
+                        lambda self, batch: buffers.append(borrow(self, batch)) or buffers[-1])
+    seg = _segmenter()
+    borrowed = seg.segment(vol)
+    assert borrowed.stats["backend"] == "openvino"
+    assert borrowed.stats["windows_air"] > 0 and borrowed.stats["windows_run"] > 1
+    assert len(buffers) == borrowed.stats["windows_run"]
+    assert len({b.data_ptr() for b in buffers}) == 1  # every window in the same buffer: no copy
+    # the air windows' answer, kept through the run, is still the network's answer for air
+    (kept,) = seg._air_outputs.values()
+    assert all(kept.data_ptr() != b.data_ptr() for b in buffers)
+    air = torch.full((1, 1) + tuple(seg.card.roi_size), float(seg.card.intensity["b_min"]))
+    hint = {"float32": "f32", "bfloat16": "bf16"}[borrowed.stats["precision"]]
+    torch.testing.assert_close(kept, seg.openvino.network(hint, borrowed.stats["threads"])(air), rtol=0, atol=0)
+    del buffers[:]
+    monkeypatch.setattr(openvino_backend.OpenVINONetwork, "borrow", openvino_backend.OpenVINONetwork.__call__)
+    copied = _segmenter().segment(vol)
+    assert not buffers and copied.stats["windows_air"] == borrowed.stats["windows_air"]
+    assert borrowed.labels.same_grid(vol)
+    np.testing.assert_array_equal(borrowed.labels.array, copied.labels.array)
+    assert (copied.labels.array > 0).any()  # organs found, not only background
 
 
 def test_the_conversion_is_found_again_by_its_checkpoint(home, tmp_path, monkeypatch):

@@ -434,16 +434,19 @@ class Segmenter:
 
         fast, net, roi = self.fast, self._runner, tuple(self.card.roi_size)
         dtype, on_torch = self._dtype, True
+        # The air window's answer is kept, so it comes from a call that returns a tensor of its
+        # own; nor is that call one of the windows the conversion's rule counts and times.
+        air_net = net
         if ov_net is not None:
             ov_net.check_cancel = check_cancel
-            net, dtype, on_torch = ov_net, torch.float32, False
+            # MONAI is done with each window's logits before it asks for the next: OpenVINO's
+            # output buffer serves without a copy
+            air_net, net, dtype, on_torch = ov_net, ov_net.borrow, torch.float32, False
             stats.update(backend="openvino", precision=ov_net.precision.replace("f32", "float32").replace(
                 "bf16", "bfloat16"), weights="openvino")
         elif self.openvino.may_convert_in_run(self.device, fast):
             windows_left = total - len(prepared.air_starts)
             net = openvino_backend.ConvertWhenItPays(net, windows_left, *self._conversion_estimate())
-        # the air window's one call is none of the windows the conversion's rule counts and times
-        air_net = net.torch_network if isinstance(net, openvino_backend.ConvertWhenItPays) else net
         predictor = WindowPredictor(
             net,
             dtype,
