@@ -199,13 +199,26 @@ class TreeMemory:
                 pass
         return out
 
+    @staticmethod
+    def _cmdline(pid: int) -> bytes:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
     def _sample(self) -> None:
         while not self._stop.is_set():
             todo, total = [os.getpid()], 0
             while todo:
                 pid = todo.pop()
                 total += self._rss_kb(pid)
-                todo += self._children(pid)
+                # A child that has not exec'd yet (subprocess's vfork, a fork) shares its
+                # parent's pages, and its VmRSS counts them again: a conversion's process showed
+                # the engine's whole resident memory for an instant, sampled as twice the engine.
+                # Such a child reads its parent's command line; it counts once it runs its own.
+                parent = self._cmdline(pid)
+                todo += [c for c in self._children(pid) if self._cmdline(c) != parent]
             self.peak_mb = max(self.peak_mb or 0, total / 1024)
             if self.stage is not None:
                 self.by_stage[self.stage] = max(self.by_stage.get(self.stage, 0), round(total / 1024))
