@@ -54,19 +54,56 @@ def test_diagonal_neighbours_are_one_component():
     assert np.count_nonzero(lab) == 3
 
 
-def test_no_full_size_copy_per_label():
+def _peak_bytes(n_labels: int) -> tuple[int, np.ndarray]:
     lab = np.zeros((200, 200, 100), np.uint8)
-    for value in range(1, 9):
+    lab[0, 0, 0] = lab[-1, -1, -1] = 1  # the same labelled box, whatever the number of labels
+    for value in range(1, n_labels + 1):
         lab[value * 20 : value * 20 + 10, 20:60, 10:40] = value
         lab[value * 20, 150, 90] = value  # an island each
     tracemalloc.start()
     try:
-        clean_labels(lab, 1.0, PostProcessing(frozenset(range(1, 9)), 0.0))
+        clean_labels(lab, 1.0, PostProcessing(frozenset(range(1, n_labels + 1)), 0.0))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < lab.nbytes, f"{peak} bytes for a {lab.nbytes}-byte label map"
-    assert lab[20, 150, 90] == 0 and lab[25, 30, 20] == 1
+    return peak, lab
+
+
+def test_memory_is_one_component_map_whatever_the_number_of_labels():
+    """Never a full-size copy per class: the clean-up holds one component map of the labelled box
+    (4 bytes a voxel) and masks of a byte a voxel, for 2 labels as for 8."""
+    peak2, _ = _peak_bytes(2)
+    peak8, lab = _peak_bytes(8)
+    assert peak8 < 7 * lab.size, f"{peak8} bytes for a {lab.nbytes}-byte label map"
+    assert peak8 < 1.1 * peak2, (peak2, peak8)
+    assert lab[20, 150, 90] == 0 and lab[160, 150, 90] == 0 and lab[25, 30, 20] == 1 and lab[165, 30, 20] == 8
+    assert lab[0, 0, 0] == 0 and lab[-1, -1, -1] == 0  # specks of label 1, smaller than its block
+
+
+def test_only_the_labelled_box_is_mapped():
+    """A trained network's organs fill part of a scan: the component map covers their box only."""
+    lab = np.zeros((300, 300, 200), np.uint8)
+    lab[100:140, 100:140, 50:90] = 1
+    lab[150:152, 150:152, 100:102] = 1
+    tracemalloc.start()
+    try:
+        stats = clean_labels(lab, 1.0, PostProcessing(frozenset({1}), 0.0))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stats == {"components_removed": 1, "voxels_removed": 8}
+    assert peak < lab.nbytes / 4, f"{peak} bytes for a {lab.nbytes}-byte label map"
+
+
+def test_ties_keep_the_component_found_first_in_the_arrays_order():
+    """Two components of the same size: the one whose first voxel comes first (C order) stays,
+    as scipy's label-by-label clean-up kept it, whatever order cc3d numbers them in."""
+    for order in ("C", "F"):
+        lab = np.zeros((10, 10, 10), np.uint8, order=order)
+        lab[7:9, 0:2, 0:2] = 4  # its first voxel (7, 0, 0) comes first in F order, not in C order
+        lab[0:2, 7:9, 7:9] = 4  # (0, 7, 7) comes first in C order
+        clean_labels(lab, 1.0, PostProcessing(frozenset({4}), 0.0))
+        assert (lab[0:2, 7:9, 7:9] == 4).all() and not lab[7:9, 0:2, 0:2].any(), order
 
 
 def test_the_engine_applies_what_the_card_declares():

@@ -99,7 +99,7 @@ def test_the_engine_runs_with_slicer_s_packages_torch_and_the_requirements_only(
     assert out["shape"] == [24, 24, 16]
     imported = {canonical(m) for m in out["imported"]}
     for name in requirements:  # each one is needed: the engine imports it
-        module = {"pynrrd": "nrrd"}.get(name, name)
+        module = {"pynrrd": "nrrd", "connected-components-3d": "cc3d"}.get(name, name)
         assert canonical(module) in imported, f"{name} is listed but the engine does not import it"
 
 

@@ -4,7 +4,7 @@ against float32, and each out-of-memory fallback forced once.
 
 The device machine reaches nothing outside it and has PyTorch (with CUDA) but not MONAI or
 nibabel, so what it needs travels with the working tree, in ``.gpu-bench/`` (ignored by git):
-the wheels of the engine's pure-Python requirements for its Python 3.12, and the example CT
+the wheels of the engine's requirements that its image lacks, for its Python 3.12, and the example CT
 that the benchmark's inputs are made from. Here, on a machine with pip's registry, once::
 
     ./dev python benchmarks/bench_gpu.py --prepare
@@ -56,10 +56,10 @@ PREPARED = REPO / ".gpu-bench"
 sys.path.insert(0, str(REPO / "SwinUNETRSegment"))
 sys.path.insert(0, str(HERE))
 
-#: pure-Python requirements of the engine and the reference pipeline that the device's image
-#: lacks (benchmarks' imports, checked against the image's package list in the device tool's
+#: requirements of the engine and the reference pipeline that the device's image lacks (benchmarks' imports, checked against the image's package list in the device tool's
 #: KINDS.md); the versions are Resources/requirements.txt's and constraints.txt's
-WHEELS = ("monai==1.6.1", "nibabel==5.4.2", "pynrrd==1.1.3", "pydicom==3.0.2", "platformdirs==4.14.8")
+WHEELS = ("monai==1.6.1", "nibabel==5.4.2", "pynrrd==1.1.3", "pydicom==3.0.2", "platformdirs==4.14.8",
+          "connected-components-3d==4.1.1")
 
 
 def prepare() -> None:
@@ -68,7 +68,8 @@ def prepare() -> None:
     shutil.rmtree(PREPARED, ignore_errors=True)
     wheels.mkdir(parents=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-           "--implementation", "cp", "--platform", "manylinux2014_x86_64", "--platform", "any", "-q",
+           "--implementation", "cp", "--platform", "manylinux2014_x86_64",
+           "--platform", "manylinux_2_28_x86_64", "--platform", "any", "-q",
            "--disable-pip-version-check", "-d", str(wheels), *WHEELS]
     subprocess.run(cmd, check=True)
     from inputs import _example_ct
