@@ -227,6 +227,7 @@ PINS = {
     "nibabel": "5.4.2",
     "slicerio": "1.4.0",
     "pynrrd": "1.1.3",
+    "connected-components-3d": "4.1.1",
     "fastapi": "0.165.0",
     "uvicorn": "0.54.0",
     "openvino": "2026.4.1",

@@ -56,7 +56,8 @@ PREPARED = REPO / ".gpu-bench"
 sys.path.insert(0, str(REPO / "SwinUNETRSegment"))
 sys.path.insert(0, str(HERE))
 
-#: requirements of the engine and the reference pipeline that the device's image lacks (benchmarks' imports, checked against the image's package list in the device tool's
+#: requirements of the engine and the reference pipeline that the device's image lacks
+#: (benchmarks' imports, checked against the image's package list in the device tool's
 #: KINDS.md); the versions are Resources/requirements.txt's and constraints.txt's
 WHEELS = ("monai==1.6.1", "nibabel==5.4.2", "pynrrd==1.1.3", "pydicom==3.0.2", "platformdirs==4.14.8",
           "connected-components-3d==4.1.1")
