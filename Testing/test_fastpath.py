@@ -284,6 +284,41 @@ def test_boundary_resampling_equals_probability_resampling(outside, dense, monke
         assert len(np.unique(expected)) == logits.shape[0]
 
 
+@pytest.mark.parametrize("grid", GRIDS, ids=ids)
+def test_every_voxel_interpolated_axis_by_axis_equals_monai_invertd(grid, monkeypatch):
+    """Where boundaries are dense (an untrained network's noise) every voxel of a slab is
+    interpolated, axis by axis since the grids' axes correspond (Orientation and Spacing permute,
+    flip and scale them, oblique scans included): the reference's Invertd(bilinear) + argmax
+    labels on every grid kind."""
+    vol, img, probs, reference = _invertd_case(grid)
+    monkeypatch.setattr(resample_module, "DENSE_BOUNDARIES", 0.0)
+    calls = []
+    separable = resample_module._separable_argmax
+    monkeypatch.setattr(resample_module, "_separable_argmax", lambda *a: calls.append(1) or separable(*a))
+    ours = resample_argmax(torch.log(probs) - 1.0, img.affine.numpy(), vol.shape, vol.ijk_to_ras, slab_voxels=700)
+    assert calls  # the axis-by-axis way ran
+    mismatch = int((ours != reference).sum())
+    assert mismatch <= max(1, reference.size // 20000), f"{mismatch} voxels differ"  # float rounding at exact ties only
+
+
+@pytest.mark.parametrize("outside", ["border", "background"])
+def test_axis_by_axis_interpolation_equals_grid_sample_beyond_model_space_and_on_noise(outside, monkeypatch):
+    """Permuted, flipped, finer input axes reaching beyond model space, and noisy logits: the
+    axis-by-axis interpolation gives grid_sample's labels (MONAI's SpatialResample) both ways of
+    treating the outside."""
+    monkeypatch.setattr(resample_module, "DENSE_BOUNDARIES", 0.0)
+    g = torch.Generator().manual_seed(5)
+    src = make_affine((2.5, 2.0, 3.0), np.eye(3), (4.0, -3.0, 2.0))
+    dst = make_affine((0.9, 1.1, 1.3), np.array([[0, -1.0, 0], [0, 0, 1.0], [-1.0, 0, 0]]), (30.0, -8.0, 40.0))
+    shape = (70, 60, 50)
+    for logits in (torch.log(_smooth_probs((19, 17, 13), classes=5)), torch.randn((4, 9, 8, 7), generator=g)):
+        assert resample_module._axis_aligned(np.linalg.solve(src, dst)) is not None
+        expected = resample_probabilities(torch.softmax(logits, 0), src, shape, dst, outside=outside)
+        ours = resample_argmax(logits, src, shape, dst, outside=outside, slab_voxels=5000)
+        assert (ours != expected).sum() <= 2
+        assert len(np.unique(expected)) == logits.shape[0]
+
+
 def test_probability_resampling_outside_a_crop_is_background():
     probs = torch.zeros((3, 10, 10, 10))
     probs[2] = 1.0
