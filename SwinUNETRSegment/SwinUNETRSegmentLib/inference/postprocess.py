@@ -8,7 +8,7 @@ A card may declare (``"postprocessing"``)::
 and the engine applies it to the uint8 labels on the input grid: the connected components
 of every label at once (26-connectivity, one pass of ``cc3d.connected_components`` over the
 labels' bounding box), their sizes (one ``bincount``), and the voxels of the components it
-drops turned into background. Memory is one component map (4 bytes a voxel of the box) and
+drops turned into background. Memory is one component map (2 or 4 bytes a voxel of the box) and
 one boolean array, whatever the number of labels: never a copy per class.
 
 Written with connected-components-3d (cc3d, multi-label in one pass) rather than MONAI's
