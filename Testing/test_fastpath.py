@@ -613,6 +613,22 @@ def test_second_run_of_an_unchanged_volume_skips_preprocessing(monkeypatch):
     assert not seg.segment(moved).stats["preprocess_cached"]
 
 
+def test_a_warm_engine_asked_for_float32_does_not_reuse_the_float32_resampled_scan():
+    """A warm engine's cached model-space scan was resampled in float32 (the default): a later
+    run with precision float32, whose labels are the reference's exactly, resamples again in
+    MONAI's float64 and gives a fresh float32 engine's labels."""
+    vol, _, _ = body_volume(GRIDS[5])
+    seg = Segmenter(oracle_card((1.5, 1.5, 2.0)), network=ThresholdNet(), device="cpu")
+    seg.segment(vol)
+    seg.fast = seg.fast.but(precision="float32")
+    again = seg.segment(vol)
+    assert not again.stats["preprocess_cached"]
+    fresh = Segmenter(oracle_card((1.5, 1.5, 2.0)), network=ThresholdNet(), device="cpu",
+                      fast=FastPath(precision="float32"))
+    assert np.array_equal(seg._prepared[1].image, fresh.prepare(vol)[0].image)
+    np.testing.assert_array_equal(again.labels.array, fresh.segment(vol).labels.array)
+
+
 def test_cache_can_be_switched_off(monkeypatch):
     vol, _, _ = body_volume(GRIDS[0])
     seg = Segmenter(oracle_card(), network=ThresholdNet(), device="cpu", fast=FastPath(cache_preprocessed=False))

@@ -61,7 +61,14 @@ from SwinUNETRSegmentLib.inference.options import FastPath
 from SwinUNETRSegmentLib.inference.postprocess import PostProcessing, clean_labels
 from SwinUNETRSegmentLib.inference.preprocess import to_model_space
 from SwinUNETRSegmentLib.inference.resample import to_input_grid
-from SwinUNETRSegmentLib.inference.windows import Prepared, WindowPredictor, count_windows, prepare, volume_key
+from SwinUNETRSegmentLib.inference.windows import (
+    Prepared,
+    WindowPredictor,
+    count_windows,
+    prepare,
+    resampling_dtype,
+    volume_key,
+)
 from SwinUNETRSegmentLib.models.cards import ModelCard
 from SwinUNETRSegmentLib.progress import ProgressCallback, ProgressTracker
 
@@ -205,6 +212,7 @@ class Segmenter:
                 self.overlap,
                 fast.skip_air,
                 fast.crop_to_body,
+                np.dtype(resampling_dtype(fast)).name,
             )
             if self._prepared is not None and self._prepared[0] == key:
                 return self._prepared[1], True

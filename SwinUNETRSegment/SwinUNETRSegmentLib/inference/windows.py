@@ -179,12 +179,17 @@ class Prepared:
     air_starts: set = field(default_factory=set)
 
 
+def resampling_dtype(fast: FastPath):
+    """What ``Spacing`` computes in for ``fast``: float32 with ``float32_resampling`` unless the
+    precision is float32 (whose labels are the reference's exactly), else MONAI's float64."""
+    return np.float32 if fast.float32_resampling and fast.precision != "float32" else np.float64
+
+
 def prepare(card: ModelCard, volume: Volume, fast: FastPath, overlap: float) -> Prepared:
     """``volume`` in the card's model space (:mod:`.preprocess`), with its air windows and,
     when ``fast.crop_to_body``, cropped to the body's box before the intensity window."""
     img = to_metatensor(volume, np.float32)
-    dtype = np.float32 if fast.float32_resampling and fast.precision != "float32" else np.float64
-    for t in geometric_transforms(card, dtype=dtype):
+    for t in geometric_transforms(card, dtype=resampling_dtype(fast)):
         img = t(img)
     full_affine = img.affine.numpy().astype(np.float64)
     full_shape = tuple(int(s) for s in img.shape[1:])
