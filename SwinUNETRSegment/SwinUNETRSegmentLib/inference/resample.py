@@ -335,7 +335,7 @@ def resample_argmax(
             continue
         if bool(edge.any()):
             lab[edge] = _interpolated_argmax(
-                logits, [b[edge] for b in base], [f[edge] for f in frac], src_shape, outside
+                logits, [b[edge] - int(shift) for b in base], [f[edge] for f in frac], src_shape, outside
             )
         labels_out[i0:i1] = lab.cpu().numpy()
         del coords, base, frac, flat, lab, edge
@@ -373,22 +373,10 @@ def _separable_argmax(logits, xform: np.ndarray, perm: list[int], rows: tuple[in
         n = src_shape[d]
         idx = torch.arange(rows[0], rows[1]) if e == 0 else torch.arange(int(dst_shape[e]))
         c = (float(xform[d, e]) * idx.to(torch.float64) + float(xform[d, 3])).to(torch.float32)
-        if outside == "border":  # clamped into the image: the nearest edge value beyond it
-            c = c.clamp_(0.0, float(n - 1))
-            b = c.floor()
-            f = c - b
-            q0 = b.to(torch.int64)
-            q1 = (q0 + 1).clamp_(max=n - 1)
-            w0, w1 = 1.0 - f, f
-        else:  # corners beyond the image weigh nothing; background takes their weight below
-            c = c.clamp_(-1.0, float(n))
-            b = c.floor()
-            f = c - b
-            q0 = b.to(torch.int64)
-            q1 = q0 + 1
-            w0 = (1.0 - f) * ((q0 >= 0) & (q0 < n))
-            w1 = f * ((q1 >= 0) & (q1 < n))
-            q0, q1 = q0.clamp_(0, n - 1), q1.clamp_(0, n - 1)
+        # clamped where corners beyond the image follow ``outside`` (_linear_corners)
+        c = c.clamp_(0.0, float(n - 1)) if outside == "border" else c.clamp_(-1.0, float(n))
+        b = c.floor()
+        q0, q1, w0, w1 = _linear_corners(b.to(torch.int64), c - b, n, outside)
         lo, hi = int(torch.minimum(q0, q1).min()), int(torch.maximum(q0, q1).max()) + 1
         lows.append(lo)
         highs.append(hi)
@@ -426,33 +414,35 @@ def channel_argmax(scores):
     return out
 
 
+def _linear_corners(b, f, n: int, outside: str):
+    """Along one axis of a linear interpolation: the corners below and above each point and their
+    weights, from the lower corner's index ``b`` (int64; -1 or beyond ``n - 1`` where the point
+    lies beyond the image) and the fraction ``f`` towards the upper one. "border": the corners
+    clamped into the image (its edge value beyond it, as grid_sample's border padding);
+    "background": corners beyond the image weigh nothing, and the caller hands their weight to the
+    background. The corners come back clamped into the image either way, so they can index it."""
+    q1 = b + 1
+    if outside == "border":
+        return b.clamp(0, n - 1), q1.clamp_(0, n - 1), 1.0 - f, f
+    w0 = (1.0 - f) * ((b >= 0) & (b < n))
+    w1 = f * ((q1 >= 0) & (q1 < n))
+    return b.clamp(0, n - 1), q1.clamp_(0, n - 1), w0, w1
+
+
 def _interpolated_argmax(logits, base, frac, src_shape, outside: str):
-    """argmax of the linearly interpolated softmax at the given points (padded cell corner
-    ``base`` and fractions ``frac`` per axis), corners beyond the image per ``outside``."""
+    """argmax of the linearly interpolated softmax at the given points (the lower corner's index
+    ``base`` and the fraction ``frac`` per axis), corners beyond the image per ``outside``."""
     import torch
 
     n_classes = logits.shape[0]
     flat_logits = logits.reshape(n_classes, -1)
     strides = (src_shape[1] * src_shape[2], src_shape[2], 1)
-    # per axis and corner side (0: below, 1: above): weight, flat-index term, inside mask
-    weight, term, inside = [], [], []
+    # per axis and corner side (0: below, 1: above): weight and flat-index term
+    weight, term = [], []
     for d in range(3):
-        w_d, t_d, in_d = [], [], []
-        for side in (0, 1):
-            q = base[d] + side
-            if outside == "border":
-                ok = None
-                q = q.clamp_(max=src_shape[d] - 1)
-            else:
-                q -= 1  # the padding plane
-                ok = (q >= 0) & (q < src_shape[d])
-                q = q.clamp_(0, src_shape[d] - 1)
-            w_d.append(frac[d] if side else 1.0 - frac[d])
-            t_d.append(q * strides[d])
-            in_d.append(ok)
-        weight.append(w_d)
-        term.append(t_d)
-        inside.append(in_d)
+        q0, q1, w0, w1 = _linear_corners(base[d], frac[d], src_shape[d], outside)
+        weight.append((w0, w1))
+        term.append((q0 * strides[d], q1 * strides[d]))
     mixed = None
     for dx in (0, 1):
         for dy in (0, 1):
@@ -460,10 +450,8 @@ def _interpolated_argmax(logits, base, frac, src_shape, outside: str):
             txy = term[0][dx] + term[1][dy]
             for dz in (0, 1):
                 p = torch.softmax(flat_logits.index_select(1, txy + term[2][dz]).float(), dim=0)
-                if outside != "border":  # beyond the image: background with probability one
-                    ok = inside[0][dx] & inside[1][dy] & inside[2][dz]
-                    p *= ok[None]
-                    p[0] += ~ok
                 p *= (wxy * weight[2][dz])[None]
                 mixed = p if mixed is None else mixed.add_(p)
+    if outside != "border":  # beyond the image: background with probability one
+        mixed[0] += 1.0 - mixed.sum(dim=0)
     return channel_argmax(mixed)
