@@ -23,6 +23,7 @@ wider margins). ``--quick`` is a smoke run (feature_size 12, 64^3).
     ./dev python benchmarks/bench_network.py                 # feature_size 48, 96^3, ~5 min on 2 cores
     ./dev python benchmarks/bench_network.py --quick
     ./dev python benchmarks/bench_network.py --float32       # what a CPU without native bfloat16 runs
+    ./dev python benchmarks/bench_network.py --float32 --profile   # + OpenVINO's time per operation, GFLOP/s
     ./dev python benchmarks/bench_network.py --float32 --onnxruntime   # + ONNX Runtime (not a dependency:
         # pip install --target ~/.cache/ortpkgs onnxruntime onnx onnxscript; PYTHONPATH=~/.cache/ortpkgs,
         # outside the repository, whose lint test reads every .py file under it)
@@ -52,6 +53,9 @@ def main(argv=None) -> int:
     p.add_argument("--float32", action="store_true",
                    help="the engine's steps and OpenVINO in float32 only, as on a CPU without native bfloat16 "
                         "(with this CPU's full instruction set)")
+    p.add_argument("--profile", action="store_true",
+                   help="and where OpenVINO's time goes in one window: seconds per operation type, the largest "
+                        "operations, and the convolutions' GFLOP/s (OpenVINO's PERF_COUNT)")
     p.add_argument("--onnxruntime", action="store_true",
                    help="add ONNX Runtime's CPU runtime in float32 (onnxruntime and onnx importable)")
     args = p.parse_args(argv)
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
             )
         )
     engine_s = rows[-1][1]
-    rows += _openvino_rows(reference, windows, roi, threads, bf16, timed, ref_out, ref_labels)
+    rows += _openvino_rows(reference, windows, roi, threads, bf16, timed, ref_out, ref_labels, args.profile)
     if args.onnxruntime:
         rows += _onnxruntime_rows(reference, windows, roi, threads, timed, ref_out, ref_labels)
     print(f"\n{'network as run':52s} {'s/window':>9} {'x ref':>6} {'max |logit diff|':>17} {'argmax agrees':>14}")
@@ -131,7 +135,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _openvino_rows(reference, windows, roi, threads, bf16, timed, ref_out, ref_labels) -> list:
+def _openvino_rows(reference, windows, roi, threads, bf16, timed, ref_out, ref_labels, profile=False) -> list:
     """The same windows on OpenVINO (inference/cpu/openvino_backend.py): float32, and
     bfloat16 where the CPU has it natively; conversion and compile seconds printed."""
     import os
@@ -160,8 +164,62 @@ def _openvino_rows(reference, windows, roi, threads, bf16, timed, ref_out, ref_l
             rows.append((name, s, float((out - ref_out).abs().max()),
                          float((out.argmax(1) == ref_labels).float().mean())))
             del net
+            if profile:
+                _openvino_profile(reference, path, hint, threads, windows[:1])
     torch.set_num_threads(threads)
     return rows
+
+
+def _openvino_profile(reference, path, hint, threads, window) -> None:
+    """One window on OpenVINO with its per-operation counters (``PERF_COUNT``), the median of 3
+    calls per operation: seconds per operation type, the largest operations, and each large
+    convolution's GFLOP/s (2 x output voxels x in x out channels x kernel voxels, from the torch
+    module the operation was traced from). Convolutions running near the CPU's multiply-add peak
+    leave nothing for a faster kernel to win at the same arithmetic."""
+    import collections
+
+    import openvino as ov
+    import torch
+
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": "YES",
+              "INFERENCE_NUM_THREADS": int(threads)}
+    req = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
+    x = window.numpy()
+    req.infer([x])
+    per_op = collections.defaultdict(list)
+    for _ in range(3):
+        req.infer([x])
+        seen = collections.Counter()
+        for p in req.get_profiling_info():
+            seen[(p.node_type, p.node_name, p.exec_type)] += p.real_time.total_seconds()
+        for k, v in seen.items():
+            per_op[k].append(v)
+    ops = {k: statistics.median(v) for k, v in per_op.items()}
+    total = sum(ops.values())
+    by_type = collections.Counter()
+    for (kind, _, _), v in ops.items():
+        by_type[kind] += v
+    print(f"\n# OpenVINO {hint}, one window, per operation (PERF_COUNT, median of 3): {total:.2f} s in all")
+    for kind, v in by_type.most_common(8):
+        print(f"#   {kind:26s} {v:6.3f} s {100 * v / total:5.1f} %")
+    # output voxels of each convolution, for its arithmetic
+    voxels = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: voxels.__setitem__(n, o[0, 0].numel()))
+             for n, m in reference.named_modules() if isinstance(m, torch.nn.Conv3d)]
+    with torch.inference_mode():
+        reference(window)
+    for h in hooks:
+        h.remove()
+    modules = dict(reference.named_modules())
+    print("#   the largest operations:")
+    for (kind, name, exec_type), v in sorted(ops.items(), key=lambda kv: -kv[1])[:8]:
+        module = name.split("/")[0].removeprefix("__module.net.").removeprefix("__module.")
+        rate = ""
+        if kind == "Convolution" and module in voxels:
+            w = modules[module].weight
+            rate = f"  {2 * voxels[module] * w[0].numel() * w.shape[0] / v / 1e9:6.0f} GFLOP/s"
+        print(f"#   {v:6.3f} s  {kind:14s} {exec_type:24s} {module[:60]}{rate}")
 
 
 def _onnxruntime_rows(reference, windows, roi, threads, timed, ref_out, ref_labels) -> list:
