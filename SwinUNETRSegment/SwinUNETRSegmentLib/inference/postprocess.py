@@ -123,11 +123,8 @@ def clean_labels(
         sizes += np.bincount(comps[slab].reshape(-1), minlength=n + 1)
         value[comps[slab]] = sub[slab]  # each component is of one label
     drop = sizes < min_voxels
-    asked = np.zeros(256, bool)
-    asked[list(post.keep_largest)] = True
-    for v in np.unique(value[1:][asked[value[1:]]]):
-        ids = np.flatnonzero(value == v)
-        ids = ids[ids > 0]
+    for v in np.intersect1d(value[1:], list(post.keep_largest)):  # the asked labels present
+        ids = np.flatnonzero(value == v)  # value[0] is the background's, never an asked label
         biggest = ids[sizes[ids] == sizes[ids].max()]
         keep = biggest[0] if len(biggest) == 1 else _first_found(comps, biggest)
         drop[ids[ids != keep]] = True
